@@ -1,0 +1,42 @@
+# Two commands set up and run everything on a fresh machine: `make lab` and `make test`.
+# Both create or reuse the project-local .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rankserve-installed
+
+.PHONY: venv lab test bench losses lint clean-artifacts
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned to the CPU wheel, so that no resolver pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The lab on embedded defaults: synthetic data, a local Redis, local Ray.
+lab: venv
+	$(PY) models/train.py --arch mlp
+	$(PY) models/train.py --arch attention
+	$(PY) export/quantize.py
+	$(PY) loadtest/sweep.py --profile quick
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) -m pytest tests/bench --benchmark-only --benchmark-enable
+
+# Pairwise vs listwise, with data: writes results/ltr_losses.md.
+losses: venv
+	$(PY) models/compare_losses.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean-artifacts:
+	rm -rf artifacts

@@ -1,0 +1,20 @@
+"""Where generated files go: one git-ignored artifacts folder, overridable for tests and CI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("RANKSERVE_ARTIFACTS", REPO_ROOT / "artifacts"))
+RESULTS = REPO_ROOT / "results"
+
+
+def model_dir(name: str) -> Path:
+    """Folder of one trained checkpoint (weights and model card)."""
+    return ARTIFACTS / "models" / name
+
+
+def variants_dir(name: str) -> Path:
+    """Folder of one model's exported variants and their manifest."""
+    return ARTIFACTS / "variants" / name
