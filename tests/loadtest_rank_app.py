@@ -1,0 +1,157 @@
+"""A minimal real /rank server for the load-test tests: the service's API shape, no model.
+
+It runs on uvicorn in a subprocess on 127.0.0.1 (a real HTTP server, so Locust and the open-loop
+generator are exercised for real), validates the four request formats of docs/ARCHITECTURE.md, scores
+documents by the sum of their features, and keeps an in-memory result cache keyed by the body so that
+`cached` behaves like the real service's cache. `running_rank_app()` starts and stops it.
+
+Run by hand: `python tests/loadtest_rank_app.py --port 8011`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import orjson
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import Response
+
+app = FastAPI()
+_cache: dict[str, bytes] = {}
+
+
+def _features_from(body: dict) -> tuple[list, np.ndarray | None]:
+    if "documents" in body:
+        docs = body["documents"]
+        if not isinstance(docs, list) or not docs:
+            raise HTTPException(422, "documents: must be a non-empty list")
+        ids = [d["id"] for d in docs]
+        return ids, np.asarray([d["features"] for d in docs], dtype=np.float32)
+    ids = body.get("doc_ids")
+    if not isinstance(ids, list) or not ids:
+        raise HTTPException(422, "doc_ids: must be a non-empty list")
+    if "features" not in body:
+        return ids, None  # feature store: scored as zeros here
+    feats = body["features"]
+    if isinstance(feats, bytes):
+        X = np.frombuffer(feats, dtype="<f4").reshape(len(ids), int(body["n_features"]))
+    else:
+        X = np.asarray(feats, dtype=np.float32)
+    if X.shape[0] != len(ids):
+        raise HTTPException(422, "features: one row per doc id")
+    return ids, X
+
+
+@app.post("/rank")
+async def rank(request: Request) -> Response:
+    t0 = time.perf_counter()
+    raw = await request.body()
+    try:
+        if request.headers.get("content-type", "").startswith("application/msgpack"):
+            body = msgpack.unpackb(raw, raw=False)
+        else:
+            body = orjson.loads(raw)
+    except Exception as e:
+        raise HTTPException(400, f"body: not valid ({e})") from e
+    if not isinstance(body, dict) or not isinstance(body.get("query_id"), str):
+        raise HTTPException(422, "query_id: required string")
+    ids, X = _features_from(body)
+    t1 = time.perf_counter()
+    key = hashlib.sha256(raw).hexdigest()
+    cached = key in _cache
+    t2 = time.perf_counter()
+    if cached:
+        results = orjson.loads(_cache[key])
+    else:
+        scores = X.sum(axis=1) if X is not None else np.zeros(len(ids), dtype=np.float32)
+        order = np.argsort(-scores, kind="stable")
+        results = [{"id": ids[i], "score": float(scores[i])} for i in order]
+        _cache[key] = orjson.dumps(results)
+    t3 = time.perf_counter()
+    timings = {
+        "parse": (t1 - t0) * 1e3,
+        "cache": (t2 - t1) * 1e3,
+        "queue": 0.0,
+        "inference": 0.0 if cached else (t3 - t2) * 1e3,
+        "total": (t3 - t0) * 1e3,
+    }
+    out = {
+        "query_id": body["query_id"],
+        "model": {"name": "stub", "variant": "sum", "version": "0"},
+        "results": results,
+        "cached": cached,
+        "degraded": False,
+        "timings_ms": timings,
+    }
+    return Response(orjson.dumps(out), media_type="application/json")
+
+
+@app.get("/readyz")
+async def readyz() -> dict:
+    return {"model_loaded": True, "redis": "disabled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def running_rank_app(timeout_s: float = 60.0) -> Iterator[str]:
+    """Start this app on a free loopback port in a subprocess; yield its base URL; stop it."""
+    port = free_port()
+    log = tempfile.TemporaryFile()  # server stderr, kept off a pipe that nobody drains
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout_s, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=8011)
+    args = ap.parse_args()
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
