@@ -1,0 +1,138 @@
+"""The per-machine results table of the variants: Markdown + CSV under results/models/, rich on screen.
+
+One row per variant and thread setting: size, NDCG@10 and its retention, validity, p50/p99 at 100
+and 1000 documents, documents per second, speedup over onnx-fp32, and fraction of the roof. The CSV
+holds every measured cell; the Markdown ends with the environment block of the run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from export.manifest import Manifest
+from models.environment import environment_markdown
+
+BASELINE = "onnx-fp32"
+SCREEN_HIDDEN = {"docs/s@100", "size MB"}  # the terminal table drops these to fit; files keep them
+
+
+def cpu_slug(environment: dict) -> str:
+    """'AMD EPYC 9R14 96-Core Processor' -> 'amd-epyc-9r14-96-core-processor'."""
+    return re.sub(r"[^a-z0-9]+", "-", environment["cpu"]["model"].lower()).strip("-") or "unknown-cpu"
+
+
+def cells_frame(manifest: Manifest) -> pd.DataFrame:
+    """Every benchmark cell of every variant, long format, with the variant's accuracy beside it."""
+    records = []
+    for entry in manifest.variants.values():
+        for row in entry.benchmark:
+            records.append({
+                "variant": entry.name, "precision": entry.precision, "size_mb": entry.size_bytes / 1e6,
+                "ndcg10": entry.accuracy.ndcg10, "retention": entry.accuracy.retention, "valid": entry.valid,
+                **row.model_dump(),
+            })
+    return pd.DataFrame.from_records(records)
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None or pd.isna(value) else format(value, pattern)
+
+
+def summary_rows(manifest: Manifest, device: str = "cpu") -> list[dict[str, str]]:
+    """The table's rows (strings), one per variant and thread setting on `device`."""
+    cells = cells_frame(manifest)
+    rows = []
+    for entry in manifest.variants.values():
+        acc = entry.accuracy
+        validity = ("valid 99.9%" if acc.high_accuracy else "valid 99%") if entry.valid else "INVALID"
+        ours = cells[(cells.variant == entry.name) & (cells.device == device)] if len(cells) else cells
+        if not len(ours):
+            rows.append({"variant": entry.name, "threads": "-", "size MB": f"{entry.size_bytes / 1e6:.2f}",
+                         "NDCG@10": f"{acc.ndcg10:.4f}", "retention": f"{acc.retention:.4f}", "validity": validity})
+            continue
+        for (threads, mode), group in ours.groupby(["threads", "mode"], sort=True):
+            at = {int(r.n_docs): r for r in group.itertuples()}
+            base = cells[(cells.variant == BASELINE) & (cells.device == "cpu") & (cells.threads == threads)]
+            base_at = {int(r.n_docs): r.docs_per_s for r in base.itertuples()}
+
+            def speedup(n: int, at: dict = at, base_at: dict = base_at) -> str:
+                return f"{at[n].docs_per_s / base_at[n]:.2f}x" if n in at and n in base_at else "-"
+
+            def cell(n: int, field: str, pattern: str, at: dict = at) -> str:
+                return _fmt(getattr(at[n], field), pattern) if n in at else "-"
+
+            rows.append({
+                "variant": entry.name, "threads": str(threads), **({"mode": mode} if device != "cpu" else {}),
+                "size MB": f"{entry.size_bytes / 1e6:.2f}", "NDCG@10": f"{acc.ndcg10:.4f}",
+                "retention": f"{acc.retention:.4f}", "validity": validity,
+                "p50@100 ms": cell(100, "p50_ms", ".3f"), "p99@100 ms": cell(100, "p99_ms", ".3f"),
+                "p50@1000 ms": cell(1000, "p50_ms", ".3f"), "p99@1000 ms": cell(1000, "p99_ms", ".3f"),
+                "docs/s@100": cell(100, "docs_per_s", ",.0f"), "docs/s@1000": cell(1000, "docs_per_s", ",.0f"),
+                f"speedup vs {BASELINE} @100": speedup(100), f"speedup vs {BASELINE} @1000": speedup(1000),
+                "roof fraction @1000": cell(1000, "roof_fraction", ".1%"),
+            })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "(no rows)"
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(c, "-") for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_tables(manifest: Manifest, results_dir: Path, environment: dict) -> tuple[Path, Path]:
+    """Write `<cpu-slug>-<arch>.md` and `.csv`; returns both paths."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / f"{cpu_slug(environment)}-{manifest.model.arch}"
+    roofs = manifest.roofs
+    parts = [
+        f"# Variants of `{manifest.model.name}` (version {manifest.model.version}) on {environment['cpu']['model']}",
+        "",
+        "Written by `python export/quantize.py`. One list per call (attention: batch 1), after warm-up. "
+        "Validity: NDCG@10 retention vs the fp32 torch model >= 99% (MLPerf's 99% target; 99.9% marked). "
+        "Roof fraction: achieved multiply-adds/s over a large matrix product's on this machine "
+        "(fp32 roof for fp32/fp16 variants, int8 roof for int8 variants).",
+        "",
+        "## CPU",
+        "",
+        markdown_table(summary_rows(manifest, "cpu")),
+    ]
+    gpu = summary_rows(manifest, "cuda")
+    if any(r["threads"] != "-" for r in gpu):
+        parts += ["", "## GPU", "", markdown_table([r for r in gpu if r["threads"] != "-"])]
+    else:
+        parts += ["", "GPU rows: none (no GPU on this machine; torch.cuda.is_available() was False)."]
+    if roofs:
+        parts += ["", "## Roofs (multiply-adds per second)", "", "| threads | fp32 | int8 |", "|---|---|---|"]
+        parts += [f"| {t} | {roofs.fp32[t] / 1e9:.1f} G | {roofs.int8.get(t, 0) / 1e9:.1f} G |" for t in roofs.fp32]
+        parts += ["", f"fp32: {roofs.method.get('fp32', '')}; int8: {roofs.method.get('int8', '')}."]
+    macs = ", ".join(f"{n} docs: {m:,.0f}" for n, m in manifest.model.macs_per_document.items())
+    parts += ["", f"Multiply-adds per document: {macs}.", "", "## Environment", "", environment_markdown(environment), ""]
+    md, csv = stem.with_suffix(".md"), stem.with_suffix(".csv")
+    md.write_text("\n".join(parts))
+    cells_frame(manifest).to_csv(csv, index=False)
+    return md, csv
+
+
+def print_table(manifest: Manifest, console: Console | None = None) -> None:
+    console = console or Console()
+    for device in ("cpu", "cuda"):
+        rows = summary_rows(manifest, device)
+        if device == "cuda" and not any(r["threads"] != "-" for r in rows):
+            continue
+        table = Table(title=f"{manifest.model.name} variants ({device})", show_lines=False)
+        columns = [c for c in dict.fromkeys(key for row in rows for key in row) if c not in SCREEN_HIDDEN]
+        for column in columns:
+            table.add_column(column.replace(f"speedup vs {BASELINE}", "x fp32"), overflow="fold")
+        for row in rows:
+            style = "red" if row.get("validity") == "INVALID" else None
+            table.add_row(*(row.get(c, "-") for c in columns), style=style)
+        console.print(table)

@@ -1,0 +1,205 @@
+"""Export, variants, accuracy gate, manifest and results table (export/), on tiny trained rankers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pydantic
+import pytest
+from export_support import built_variants
+from onnx import numpy_helper
+
+from export.accuracy import gate, ranking_agreement, score_split
+from export.manifest import Manifest
+from export.onnx_export import op_types
+from export.quantize import main as quantize_main
+from export.runtime import OrtScorer, open_variant
+from export.variants import VARIANTS, gemm_to_matmul, weight_dense_nodes
+
+ARCHS = ["mlp", "attention"]
+INTEGER_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul"}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def built(request):
+    return built_variants(request.param)
+
+
+def test_every_variant_is_in_the_manifest_with_its_file(built) -> None:
+    manifest = built.manifest
+    assert list(manifest.variants) == list(VARIANTS)
+    for entry in manifest.variants.values():
+        assert (built.out_dir / entry.file).exists()
+        assert len(entry.sha256) == 64 and entry.size_bytes > 0
+        assert entry.environment["cpu"]["logical_cores"] >= 1
+        assert entry.environment["threads"]["inter_op_num_threads"] == 1
+
+
+def test_onnx_export_parity_with_torch(built) -> None:
+    """The plain export scores the test split like torch: same scores, same rankings, same NDCG."""
+    accuracy = built.manifest.variants["onnx-fp32"].accuracy
+    assert accuracy.max_abs_diff < 1e-4
+    assert accuracy.kendall_tau > 0.999 and accuracy.top10_overlap == 1.0
+    assert accuracy.retention == 1.0 and accuracy.valid and accuracy.high_accuracy
+
+
+def test_onnx_graph_is_checked_with_symbolic_sizes(built) -> None:
+    path = built.out_dir / "onnx-fp32.onnx"
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    outputs = [o.name for o in model.graph.output]
+    assert outputs == ["scores"]
+    if built.arch == "mlp":
+        assert set(inputs) == {"features"} and isinstance(inputs["features"][0], str)
+    else:
+        assert set(inputs) == {"features", "mask"}
+        assert all(isinstance(d, str) for d in inputs["features"][:2] + inputs["mask"])
+    scorer = OrtScorer(path, pointwise=built.arch == "mlp", n_features=built.dataset.n_features)
+    for batch, docs in [(1, 1), (2, 37), (1, 300)]:
+        features = np.random.default_rng(docs).normal(size=(batch, docs, built.dataset.n_features)).astype(np.float32)
+        assert scorer.score_lists(features, np.ones((batch, docs), bool)).shape == (batch, docs)
+
+
+def test_int8_graphs_hold_integer_ops(built, tmp_path) -> None:
+    """Dynamic: the dense layers run integer kernels. Static (QDQ): every weight dense layer reads a
+    DequantizeLinear'd weight, and ONNX Runtime turns them into integer kernels when it loads them."""
+    dynamic = built.out_dir / "onnx-int8-dynamic.onnx"
+    assert op_types(dynamic) & INTEGER_OPS
+    assert not weight_dense_nodes(onnx.load(str(dynamic))), "a float dense layer with a weight was left"
+
+    static_path = built.out_dir / "onnx-int8-static.onnx"
+    static = onnx.load(str(static_path))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(static_path)
+    dequantized = {n.output[0] for n in static.graph.node if n.op_type == "DequantizeLinear"}
+    fp32_dense = set(weight_dense_nodes(onnx.load(str(built.out_dir / "onnx-fp32.onnx"))))
+    dense = [n for n in static.graph.node if n.name in fp32_dense]
+    assert len(dense) == len(fp32_dense)
+    assert dense and all(n.input[0] in dequantized and n.input[1] in dequantized for n in dense)
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "loaded.onnx")
+    ort.InferenceSession(str(static_path), options, providers=["CPUExecutionProvider"])
+    assert op_types(tmp_path / "loaded.onnx") & INTEGER_OPS
+
+
+def test_variants_keep_the_ranking(built) -> None:
+    for name in ("onnx-fp32-opt", "onnx-int8-dynamic", "onnx-int8-static", "onnx-fp16"):
+        accuracy = built.manifest.variants[name].accuracy
+        assert accuracy.kendall_tau > 0.8, name
+        assert accuracy.retention > 0.9, name
+        assert built.manifest.variants[name].valid == (accuracy.retention >= 0.99)
+
+
+def test_gate_fails_a_damaged_variant(built, tmp_path) -> None:
+    """Weights multiplied by random factors: the ranking breaks and the gate says invalid."""
+    model = onnx.load(str(built.out_dir / "onnx-fp32.onnx"))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        if init.name in {n.input[1] for n in model.graph.node if n.op_type in ("Gemm", "MatMul")}:
+            weight = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(
+                (weight * rng.lognormal(0.0, 1.5, weight.shape)).astype(np.float32), init.name))
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, str(damaged))
+    pointwise = built.arch == "mlp"
+    test = built.dataset.test
+    reference = score_split(open_variant(built.out_dir / "torch-eager", "torch", pointwise=pointwise,
+                                         n_features=test.X.shape[1]), test)
+    report = gate(reference, score_split(OrtScorer(damaged, pointwise=pointwise, n_features=test.X.shape[1]), test), test)
+    assert not report.valid and not report.high_accuracy
+    assert report.retention < 0.99 and report.kendall_tau < 0.9
+    assert gate(reference, reference.copy(), test).valid
+
+
+def test_gate_rejects_non_finite_scores(built) -> None:
+    test = built.dataset.test
+    reference = np.linspace(0, 1, test.n_docs)
+    broken = reference.copy()
+    broken[3] = np.nan
+    assert not gate(reference, broken, test).valid
+
+
+def test_ranking_agreement_on_known_orders() -> None:
+    offsets = np.array([0, 5, 10])
+    scores = np.arange(10, dtype=float)
+    tau, overlap = ranking_agreement(scores, scores, offsets, k=3)
+    assert tau == pytest.approx(1.0) and overlap == 1.0
+    tau, overlap = ranking_agreement(scores, -scores, offsets, k=3)
+    assert tau == pytest.approx(-1.0) and overlap == pytest.approx(1 / 3)
+
+
+def test_gemm_to_matmul_keeps_the_math(built) -> None:
+    if built.arch != "mlp":
+        pytest.skip("the MLP graph is the one with Gemm")
+    path = built.out_dir / "onnx-fp32.onnx"
+    rewritten = gemm_to_matmul(onnx.load(str(path)))
+    assert "Gemm" not in {n.op_type for n in rewritten.graph.node}
+    X = built.dataset.test.X[:50]
+    a = ort.InferenceSession(str(path)).run(None, {"features": X})[0]
+    b = ort.InferenceSession(rewritten.SerializeToString()).run(None, {"features": X})[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_manifest_schema_round_trip_and_rejections(built, tmp_path) -> None:
+    data = json.loads(built.manifest_path.read_text())
+    assert Manifest.model_validate(data).model.version == built.manifest.model.version
+    path = tmp_path / "manifest.json"
+    built.manifest.save(path)
+    assert Manifest.load(path) == built.manifest
+
+    extra = json.loads(json.dumps(data))
+    extra["variants"]["onnx-fp32"]["surprise"] = 1
+    with pytest.raises(pydantic.ValidationError, match="surprise"):
+        Manifest.model_validate(extra)
+    missing = json.loads(json.dumps(data))
+    del missing["variants"]["onnx-fp32"]["accuracy"]
+    with pytest.raises(pydantic.ValidationError, match="accuracy"):
+        Manifest.model_validate(missing)
+    wrong = json.loads(json.dumps(data))
+    wrong["variants"]["onnx-fp32"]["precision"] = "int4"
+    with pytest.raises(pydantic.ValidationError, match="precision"):
+        Manifest.model_validate(wrong)
+
+
+def test_benchmark_fields_and_results_table() -> None:
+    built = built_variants("mlp")
+    manifest = built.manifest
+    assert manifest.roofs and manifest.roofs.fp32["1"] > 0 and manifest.roofs.int8["1"] > 0
+    for entry in manifest.variants.values():
+        cells = {(row.threads, row.n_docs): row for row in entry.benchmark}
+        assert set(cells) == {(1, 1), (1, 100)}
+        row = cells[(1, 100)]
+        assert 0 < row.p50_ms <= row.p99_ms and row.docs_per_s > 0 and row.repeats >= 3
+        assert row.roof == ("int8" if entry.precision == "int8" else "fp32") and row.roof_fraction > 0
+    tables = list(built.results_dir.glob("*-mlp.md"))
+    assert len(tables) == 1
+    text = tables[0].read_text()
+    for name in VARIANTS:
+        assert f"| {name} |" in text
+    assert "| CPU |" in text and "speedup vs onnx-fp32" in text
+    assert tables[0].with_suffix(".csv").read_text().count("\n") == 1 + 2 * len(VARIANTS)
+
+
+def test_cli_help_documents_every_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        quantize_main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--arch", "--checkpoint", "--variants", "--out-dir", "--results-dir", "--skip-bench", "--quick",
+                 "--threads", "--sizes", "--train-seconds", "--no-train"):
+        assert flag in text
+
+
+def test_cli_rejects_bad_arguments(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        quantize_main(["--variants", "onnx-int3"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        quantize_main(["--checkpoint", "x", "--arch", "mlp", "attention"])
+    assert "--checkpoint" in capsys.readouterr().err
