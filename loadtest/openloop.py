@@ -32,7 +32,7 @@ import numpy as np
 import orjson
 
 from loadtest.latency import LatencyRecorder
-from loadtest.payloads import PayloadSet
+from loadtest.payloads import PayloadSet, ZipfSampler
 
 TIMING_KEYS = ("parse", "cache", "queue", "inference", "total")
 START_LEAD_S = 0.05  # the first arrival is scheduled this long after setup, so it is not born late
@@ -105,12 +105,17 @@ async def _run(
     request_timeout_s: float,
     drain_timeout_s: float,
     unique_queries: bool,
+    zipf_s: float | None = None,
+    zipf_queries: int = 100_000,
 ) -> tuple[_Recorder, float]:
     import aiohttp  # here, not at import: the locustfile imports require_loopback from this module
 
     rec = _Recorder()
     order = np.random.default_rng(seed).permutation(len(payloads))
     nonce_base = int(np.random.default_rng().integers(10**11))  # fresh query ids on every run
+    # Repeat traffic for a cache: request i asks for virtual query k_i, drawn with Zipf popularity,
+    # as the locustfile's CacheMixUser does (payload k mod n, with query id nonce_base + k).
+    popular = ZipfSampler(zipf_queries, zipf_s, seed=seed).sample_many(len(schedule)) if zipf_s else None
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(max_in_flight)
     connector = aiohttp.TCPConnector(limit=max_in_flight, limit_per_host=max_in_flight, force_close=False)
@@ -118,8 +123,13 @@ async def _run(
     url = host.rstrip("/") + "/rank"
 
     async def one(i: int, scheduled: float, session: aiohttp.ClientSession) -> None:
-        p = payloads.payloads[order[i % len(order)]]
-        body = p.with_nonce(nonce_base + i) if unique_queries else p.body
+        if popular is not None:
+            k = int(popular[i])
+            p = payloads.payloads[k % len(payloads)]
+            body = p.with_nonce(nonce_base + k)
+        else:
+            p = payloads.payloads[order[i % len(order)]]
+            body = p.with_nonce(nonce_base + i) if unique_queries else p.body
         answered = False
         try:
             start = loop.time()
@@ -194,6 +204,7 @@ def run_schedule(
     request_timeout_s: float = 30.0,
     drain_timeout_s: float = 30.0,
     unique_queries: bool = True,
+    zipf_s: float | None = None,
 ) -> dict[str, Any]:
     """Run one open-loop trial in this process (asyncio) and return its summary as a dict."""
     require_loopback(host)
@@ -209,6 +220,7 @@ def run_schedule(
             request_timeout_s=request_timeout_s,
             drain_timeout_s=drain_timeout_s,
             unique_queries=unique_queries,
+            zipf_s=zipf_s,
         )
     )
     # achieved rate: answered requests over the arrival window, or until the last answer if later
@@ -248,6 +260,7 @@ def run_schedule(
         "encoding": payloads.encoding,
         "sizes": payloads.sizes,
         "unique_queries": unique_queries,
+        "zipf_s": zipf_s,
         "cpu_affinity": sorted(os.sched_getaffinity(0)),
     }
 
@@ -264,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--late-ms", type=float, default=1.0)
     ap.add_argument("--request-timeout", type=float, default=30.0)
     ap.add_argument("--reuse-queries", action="store_true", help="send the payloads' own query ids (cache hits)")
+    ap.add_argument("--zipf-s", type=float, default=None,
+                    help="draw queries with Zipf(s) popularity (repeat traffic for a cache), as cache-mix does")
     ap.add_argument("--out", help="write the result JSON here (default: print it)")
     args = ap.parse_args(argv)
     result = run_schedule(
@@ -278,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.request_timeout,
         unique_queries=not args.reuse_queries,
+        zipf_s=args.zipf_s,
     )
     text = json.dumps(result, indent=1)
     if args.out:

@@ -351,8 +351,8 @@ def summary_markdown(run: Run, summary: pd.DataFrame, breakdown: pd.DataFrame, p
         f"Closed loop, {run.sweep.get('users', '?')} users, {run.sweep.get('trials', '?')} trials of "
         f"{run.sweep.get('trial_duration_s', '?')} s per entry and list size: each cell is the median of the "
         "trials, requests/s shows the trials' min-max. Maximum throughput under the objective: open-loop "
-        f"search for p99 <= {slo.get('p99_ms', '?')} ms with zero errors (its requests are all distinct, so for a "
-        "cache entry it measures the all-miss path). Speedup: requests/s over the baseline "
+        f"search for p99 <= {slo.get('p99_ms', '?')} ms with zero errors (requests are distinct queries, except for a "
+        f"cache entry, searched under Zipf(s={run.sweep.get('zipf_s', '?')}) repeat traffic as in its cache-mix scenario). Speedup: requests/s over the baseline "
         f"(`{run.baseline or 'none'}`) at the same list size.",
         "",
     ]

@@ -199,6 +199,7 @@ def run_open_loop(
     max_requests: int | None = None,
     scenario: str = "open-loop",
     timeout_s: float | None = None,
+    zipf_s: float | None = None,
 ) -> TrialResult:
     """Poisson arrivals at `rate_per_s` for `duration_s` (loadtest/openloop.py in a subprocess).
 
@@ -226,6 +227,8 @@ def run_open_loop(
         cmd += ["--max-requests", str(max_requests)]
     if not unique_queries:
         cmd.append("--reuse-queries")
+    if zipf_s:
+        cmd += ["--zipf-s", repr(float(zipf_s))]
     rc = _run_child(cmd, dict(os.environ), log_path, timeout_s or duration_s + 2 * request_timeout + 60, cpus)
     raw = _read_result(results, log_path, rc)
     return TrialResult(
@@ -326,6 +329,7 @@ def max_throughput_under_slo(
     seed: int = 0,
     out_dir: str | Path | None = None,
     cpus: Sequence[int] | None = None,
+    zipf_s: float | None = None,
 ) -> dict[str, Any]:
     """The highest Poisson arrival rate whose corrected p99 stays within `slo_p99_ms`.
 
@@ -350,7 +354,7 @@ def max_throughput_under_slo(
 
     def trial_at(rate: float) -> TrialResult:
         return run_open_loop(
-            host, payloads, rate, duration_at(rate), seed=seed, out_dir=out, cpus=cpus, scenario="slo-search"
+            host, payloads, rate, duration_at(rate), seed=seed, out_dir=out, cpus=cpus, scenario="slo-search", zipf_s=zipf_s
         )
 
     best, history, stopped_by = search_rate(
@@ -385,6 +389,7 @@ def max_throughput_under_slo(
         "profile": profile,
         "min_duration_s": min_duration_s,
         "min_queries": min_queries,
+        "zipf_s": zipf_s,
         "search": "exponential growth x2 from start_rate, then bisection to within tolerance",
         "stopped_by": stopped_by,
         "steps": len(history),

@@ -578,8 +578,9 @@ def search_slo(entry: Entry, ctx: RunContext, url: str, n_docs: int, payload_fil
         min_queries=slo.min_queries, profile=slo.profile, start_rate_per_s=round(start, 1),
         max_steps=slo.max_steps, tolerance=slo.tolerance, time_budget_s=slo.time_budget_s,
         seed=ctx.sweep.seed, out_dir=ctx.run_dir / "slo" / f"{entry.name}-{n_docs}",
-        cpus=ctx.cores["loadgen_cores"] if ctx.cores.get("pinned") else None)
-    # The open-loop search sends distinct queries: for a cache entry it measures the all-miss path.
+        cpus=ctx.cores["loadgen_cores"] if ctx.cores.get("pinned") else None,
+        # a cache entry is searched under the same Zipf repeat traffic as its cache-mix scenario
+        zipf_s=ctx.sweep.zipf_s if entry.service.cache else None)
     return {"entry": entry.name, "list_size": n_docs, "start_rate_per_s": round(start, 1), **_as_dict(search)}
 
 
