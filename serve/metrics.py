@@ -1,0 +1,104 @@
+"""Prometheus metrics of the ranking service: requests, latencies, batch sizes, cache, degraded answers.
+
+Both servers keep the same prometheus_client counters in a private registry and serve them as
+text on `GET /metrics` (one scrape target per ingress replica or baseline process). Inside Ray
+Serve the same observations also go to `ray.serve.metrics`, which Ray exports with its own
+metrics (replica queue lengths, `@serve.batch` sizes, proxy latencies) on the node's metrics
+export port (`ray.init(_metrics_export_port=...)`, `--metrics-export-port` in serve/run.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000)
+DOC_BUCKETS = (1, 10, 25, 50, 100, 200, 500, 1000, 2000, 4096, 8192, 16384)
+REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+STAGES = ("parse", "cache", "queue", "inference", "total")
+
+
+class ServiceMetrics:
+    """One object per process; `use_ray=True` mirrors every observation to ray.serve.metrics."""
+
+    def __init__(self, *, use_ray: bool = False) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "rankserve_requests", "POST /rank requests by status code and encoding", ["status", "encoding"], registry=r
+        )
+        self.latency = Histogram(
+            "rankserve_request_latency_ms",
+            "server-side time per /rank request by stage (ms)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS_MS,
+            registry=r,
+        )
+        self.batch_docs = Histogram(
+            "rankserve_batch_documents", "documents per inference batch", buckets=DOC_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "rankserve_batch_requests", "requests per inference batch", buckets=REQUEST_BUCKETS, registry=r
+        )
+        self.cache = Counter("rankserve_cache", "result cache lookups by result (hit, miss, error)", ["result"], registry=r)
+        self.degraded = Counter(
+            "rankserve_degraded", "fallback answers by reason (error, deadline, feature_store)", ["reason"], registry=r
+        )
+        self._ray: dict[str, Any] = _ray_metrics() if use_ray else {}
+
+    def observe_request(self, status: int, encoding: str, timings_ms: dict[str, float] | None) -> None:
+        self.requests.labels(str(status), encoding).inc()
+        if self._ray:
+            self._ray["requests"].inc(1, tags={"status": str(status), "encoding": encoding})
+        for stage, ms in (timings_ms or {}).items():
+            self.latency.labels(stage).observe(ms)
+            if self._ray:
+                self._ray["latency"].observe(ms, tags={"stage": stage})
+
+    def observe_batch(self, n_docs: int, n_requests: int) -> None:
+        self.batch_docs.observe(n_docs)
+        self.batch_requests.observe(n_requests)
+        if self._ray:
+            self._ray["batch_docs"].observe(n_docs)
+            self._ray["batch_requests"].observe(n_requests)
+
+    def observe_cache(self, result: str) -> None:
+        self.cache.labels(result).inc()
+        if self._ray:
+            self._ray["cache"].inc(1, tags={"result": result})
+
+    def observe_degraded(self, reason: str) -> None:
+        self.degraded.labels(reason).inc()
+        if self._ray:
+            self._ray["degraded"].inc(1, tags={"reason": reason})
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text exposition."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _ray_metrics() -> dict[str, Any]:
+    """The same series in Ray's metrics system (exported with the `ray_` prefix by Ray)."""
+    from ray.serve.metrics import Counter as RayCounter
+    from ray.serve.metrics import Histogram as RayHistogram
+
+    return {
+        "requests": RayCounter(
+            "rankserve_requests", description="POST /rank requests", tag_keys=("status", "encoding")
+        ),
+        "latency": RayHistogram(
+            "rankserve_request_latency_ms",
+            description="server-side time per /rank request by stage (ms)",
+            boundaries=list(LATENCY_BUCKETS_MS),
+            tag_keys=("stage",),
+        ),
+        "batch_docs": RayHistogram(
+            "rankserve_batch_documents", description="documents per inference batch", boundaries=list(DOC_BUCKETS)
+        ),
+        "batch_requests": RayHistogram(
+            "rankserve_batch_requests", description="requests per inference batch", boundaries=list(REQUEST_BUCKETS)
+        ),
+        "cache": RayCounter("rankserve_cache", description="result cache lookups", tag_keys=("result",)),
+        "degraded": RayCounter("rankserve_degraded", description="fallback answers", tag_keys=("reason",)),
+    }

@@ -1,0 +1,295 @@
+"""The ranking core shared by the Ray Serve ingress and the baseline server.
+
+One request goes: read the body under a size limit -> parse (serve/encoding.py) -> validate against
+the model -> (feature store) -> cache lookup -> score under a deadline -> sort best first -> cache
+store. Both servers call `RankingCore.handle` with their own `ScoringBackend` (a Ray handle to the
+batched ranker deployment, or a scorer in the same process), so validation, error messages,
+fallback and timings are the same code for both.
+
+Fallback (documented in docs/serving.md): if scoring raises, passes `deadline_ms`, or feature-store
+mode cannot read features because Redis is down, the answer is still 200 with the documents in the
+request's own order, every score null, and `degraded: true`; `rankserve_degraded` counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+from starlette.requests import ClientDisconnect, Request
+
+from serve.encoding import JSON_TYPES, MSGPACK_TYPES, ParsedRequest, ParseMode, media_type, parse_body
+from serve.metrics import ServiceMetrics
+from serve.schemas import RequestError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreOutcome:
+    """What a backend returns for one list: its scores plus where the time went."""
+
+    scores: np.ndarray
+    model: dict[str, str]  # name, variant, version of the model that scored it
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch_docs: int = 0  # set on one request per batch (batch_first) so batches are counted once
+    batch_requests: int = 0
+    batch_first: bool = False
+
+
+class ScoringBackend(Protocol):
+    """What RankingCore needs from a server: the model's identity and an async score call."""
+
+    async def model_info(self) -> dict[str, Any]:
+        """{"name", "variant", "version", "n_features"} of the model serving now."""
+        ...
+
+    async def score(self, features: np.ndarray) -> ScoreOutcome: ...
+
+
+def score_lists(scorer: Any, lists: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Score several lists in one call: concatenated rows for a pointwise model, a padded
+    [B, L, F] batch with a mask for a listwise one. Used by the batched ranker and the baseline."""
+    sizes = [len(x) for x in lists]
+    if scorer.pointwise:
+        rows = lists[0] if len(lists) == 1 else np.concatenate(lists)
+        scores = np.asarray(scorer.score_documents(rows), dtype=np.float32).reshape(-1)
+        return np.split(scores, np.cumsum(sizes)[:-1])
+    n_features = lists[0].shape[1]
+    padded = np.zeros((len(lists), max(sizes), n_features), dtype=np.float32)
+    mask = np.zeros((len(lists), max(sizes)), dtype=bool)
+    for i, x in enumerate(lists):
+        padded[i, : len(x)] = x
+        mask[i, : len(x)] = True
+    scores = np.asarray(scorer.score_lists(padded, mask), dtype=np.float32)
+    return [scores[i, :n] for i, n in enumerate(sizes)]
+
+
+def validate_request(req: ParsedRequest, n_features: int, max_docs: int) -> None:
+    """The rules a parsed request must meet; RequestError(422) names the field and the rule."""
+    n = req.n_docs
+    if n == 0:
+        raise RequestError(422, req.docs_field, "must hold at least one document")
+    if n > max_docs:
+        raise RequestError(422, req.docs_field, f"at most {max_docs} documents per request (got {n})")
+    if len(set(req.doc_ids)) != n:
+        seen: dict[Any, int] = {}
+        for i, doc_id in enumerate(req.doc_ids):
+            if doc_id in seen:
+                raise RequestError(
+                    422, req.id_field(i), f"duplicate document id {doc_id!r} (also at position {seen[doc_id]})"
+                )
+            seen[doc_id] = i
+    if req.features is None:
+        return
+    rows, width = req.features.shape
+    if rows != n:
+        raise RequestError(422, "features", f"expected one row per document id ({n}), got {rows} rows")
+    if width != n_features:
+        where = "n_features" if req.encoding == "msgpack" else req.features_field(0)
+        raise RequestError(422, where, f"expected {n_features} features per document, got {width}")
+
+
+def ranked_results(doc_ids: Sequence[Any], scores: np.ndarray) -> list[dict[str, Any]]:
+    """Documents best first; ties keep the request's order (a stable sort)."""
+    order = np.argsort(-scores, kind="stable")
+    values = scores.tolist()
+    return [{"id": doc_ids[i], "score": values[i]} for i in order.tolist()]
+
+
+def fallback_results(doc_ids: Sequence[Any]) -> list[dict[str, Any]]:
+    """The degraded answer: the request's own order, no scores."""
+    return [{"id": doc_id, "score": None} for doc_id in doc_ids]
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refusing (413) anything over max_bytes: by Content-Length before reading,
+    and by the bytes actually read (a missing or lying Content-Length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise RequestError(400, "Content-Length", f"not an integer: {declared!r}") from None
+        if size > max_bytes:
+            raise RequestError(413, "body", f"{size} bytes is over the limit of {max_bytes} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise RequestError(413, "body", f"more than the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise RequestError(400, "body", "client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def check_content_type(content_type: str | None) -> None:
+    media = media_type(content_type)
+    if media in MSGPACK_TYPES or media in JSON_TYPES or media.endswith("+json"):
+        return
+    raise RequestError(
+        415, "Content-Type", f"unsupported media type {media!r}; use application/json or application/msgpack"
+    )
+
+
+@dataclass
+class RankingCore:
+    """The /rank request path, independent of the server around it."""
+
+    backend: ScoringBackend
+    metrics: ServiceMetrics
+    cache: Any = None  # serve.cache.AsyncResultCache, or None when the cache is off
+    feature_store: Any = None  # serve.feature_store.AsyncFeatureStore, or None
+    feature_dataset: str = "synthetic"
+    max_docs: int = 5000
+    max_body_bytes: int = 64 * 1024 * 1024
+    deadline_ms: float = 1000.0
+    parse_mode: ParseMode = "fast"
+    _pending: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def handle_request(self, request: Request) -> tuple[int, dict[str, Any]]:
+        """Read and answer one HTTP request: (status, response or error dict)."""
+        start = time.perf_counter()
+        try:
+            check_content_type(request.headers.get("content-type"))
+            body = await read_body(request, self.max_body_bytes)
+        except RequestError as exc:
+            self.metrics.observe_request(exc.status, "unknown", None)
+            return exc.status, exc.to_dict()
+        return await self.handle(body, request.headers.get("content-type"), start=start)
+
+    async def handle(self, body: bytes, content_type: str | None, *, start: float | None = None) -> tuple[int, dict[str, Any]]:
+        """Answer one request body: (status, response or error dict)."""
+        start = time.perf_counter() if start is None else start
+        try:
+            info = await self.backend.model_info()
+        except Exception as exc:  # the ranker is not up (yet): the server's state, not the client's mistake
+            logger.warning("model info unavailable: %s", exc)
+            self.metrics.observe_request(503, "unknown", None)
+            return 503, {"detail": "model: not loaded yet, retry later", "field": "model", "rule": "must be loaded"}
+        encoding = "unknown"
+        try:
+            t = time.perf_counter()
+            parsed = parse_body(body, content_type, mode=self.parse_mode, n_features=info["n_features"])
+            encoding = parsed.encoding
+            validate_request(parsed, info["n_features"], self.max_docs)
+            parse_ms = (time.perf_counter() - t) * 1000
+            status, response = await self._rank(parsed, info, parse_ms, start)
+        except RequestError as exc:
+            self.metrics.observe_request(exc.status, encoding, None)
+            return exc.status, exc.to_dict()
+        self.metrics.observe_request(status, encoding, response["timings_ms"])
+        return status, response
+
+    async def _rank(
+        self, req: ParsedRequest, info: dict[str, Any], parse_ms: float, start: float
+    ) -> tuple[int, dict[str, Any]]:
+        timings = {"parse": parse_ms, "cache": 0.0, "queue": 0.0, "inference": 0.0, "total": 0.0}
+        model = {k: info[k] for k in ("name", "variant", "version")}
+
+        def answer(results: list[dict[str, Any]], *, cached: bool, degraded: bool) -> tuple[int, dict[str, Any]]:
+            timings["total"] = (time.perf_counter() - start) * 1000
+            return 200, {
+                "query_id": req.query_id,
+                "model": model,
+                "results": results,
+                "cached": cached,
+                "degraded": degraded,
+                "timings_ms": timings,
+            }
+
+        features = req.features
+        if features is None:
+            features = await self._read_features(req)
+            if features is not None and features.shape != (req.n_docs, info["n_features"]):
+                # The store holds another dataset than the model was trained on: our mistake, not the client's.
+                logger.error("feature store rows have shape %s, the model expects %d features: degraded answer",
+                             features.shape, info["n_features"])
+                features = None
+            if features is None:
+                self.metrics.observe_degraded("feature_store")
+                return answer(fallback_results(req.doc_ids), cached=False, degraded=True)
+
+        key = None
+        if self.cache is not None:
+            from serve.cache import cache_key
+
+            t = time.perf_counter()
+            key = cache_key(model["name"], model["variant"], model["version"], req.query_id, req.doc_ids, features)
+            failures_before = _cache_failures(self.cache)
+            hit = await self.cache.get(key)
+            timings["cache"] = (time.perf_counter() - t) * 1000
+            if hit is not None:
+                self.metrics.observe_cache("hit")
+                stored = orjson.loads(hit)
+                model = stored["model"]
+                return answer(stored["results"], cached=True, degraded=False)
+            self.metrics.observe_cache("error" if _cache_failures(self.cache) > failures_before else "miss")
+
+        try:
+            outcome = await asyncio.wait_for(self.backend.score(features), self.deadline_ms / 1000)
+        except (asyncio.TimeoutError, TimeoutError):
+            logger.warning("query %r passed the %.0f ms deadline: degraded answer", req.query_id, self.deadline_ms)
+            self.metrics.observe_degraded("deadline")
+            return answer(fallback_results(req.doc_ids), cached=False, degraded=True)
+        except Exception:  # any inference failure: answer the fallback rather than a 500
+            logger.exception("inference failed for query %r: degraded answer", req.query_id)
+            self.metrics.observe_degraded("error")
+            return answer(fallback_results(req.doc_ids), cached=False, degraded=True)
+
+        model = outcome.model  # the version that actually scored it (a swap may be under way)
+        timings["queue"] = outcome.queue_ms
+        timings["inference"] = outcome.inference_ms
+        if outcome.batch_first:
+            self.metrics.observe_batch(outcome.batch_docs, outcome.batch_requests)
+        results = ranked_results(req.doc_ids, outcome.scores)
+        if self.cache is not None:
+            from serve.cache import cache_key
+
+            key = cache_key(model["name"], model["variant"], model["version"], req.query_id, req.doc_ids, features)
+            self._background(self.cache.set(key, orjson.dumps({"model": model, "results": results})))
+        return answer(results, cached=False, degraded=False)
+
+    async def _read_features(self, req: ParsedRequest) -> np.ndarray | None:
+        """Feature-store mode: one MGET. Unknown ids are the client's mistake (422); a Redis that
+        does not answer gives None (the caller answers degraded)."""
+        from serve.feature_store import FeatureStoreError, FeatureStoreUnavailableError
+
+        if self.feature_store is None:
+            raise RequestError(422, "features", "required: this server has no feature store configured")
+        try:
+            return await self.feature_store.get_features(self.feature_dataset, req.doc_ids)
+        except FeatureStoreUnavailableError:
+            logger.warning("feature store unavailable: degraded answer for %r", req.query_id)
+            return None
+        except FeatureStoreError as exc:
+            message = str(exc)
+            rule = message.split(": ", 1)[1] if message.startswith("doc_ids: ") else message
+            raise RequestError(422, "doc_ids", rule) from None
+
+    def _background(self, coro: Any) -> None:
+        """Cache writes leave the request path; keep a reference so the task is not collected."""
+        task = asyncio.ensure_future(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+
+def _cache_failures(cache: Any) -> int:
+    """Failed or skipped (open circuit breaker) Redis calls so far: a miss that was really an error."""
+    stats = cache.stats()
+    return stats["errors"] + stats["bypassed"]
+
+
+def dumps(payload: dict[str, Any]) -> bytes:
+    """Responses are serialized with orjson (numpy-aware), not the json module."""
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)

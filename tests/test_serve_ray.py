@@ -1,0 +1,298 @@
+"""The Ray Serve app for real: one module-scoped local Ray, a real Redis, the test model's variants.
+
+Two apps share the Ray instance: `/b` (batched, cache on, a long batch window so that concurrent
+requests really share batches) and `/u` (unbatched, no cache). The CLI test joins the same
+cluster with `serve/run.py --address`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from serving_artifacts import build_test_artifacts
+
+from export.runtime import load_scorer
+from models.paths import REPO_ROOT
+from serve.baseline import create_app
+from serve.config import ServiceConfig
+from serve.encoding import encode_msgpack
+from serve.redis_server import EmbeddedRedis, free_port, start_embedded_redis
+
+pytestmark = pytest.mark.slow
+MAX_BODY = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_artifacts(tmp_path_factory.getbasetemp() / "serve-artifacts")
+
+
+@pytest.fixture(scope="module")
+def cache_redis() -> Iterator[EmbeddedRedis]:
+    """A private Redis this module may stop and restart (the fail-open test)."""
+    with start_embedded_redis(maxmemory="32mb") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service(manifest: Path, cache_redis: EmbeddedRedis) -> Iterator[dict]:
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        common = {"manifest_path": str(manifest), "redis_url": cache_redis.url, "port": port, "variant": "onnx-fp32",
+                  "max_docs": 200, "max_body_bytes": MAX_BODY}
+        batched = ServiceConfig(batching=True, batch_wait_ms=100, app_name="rs-batched", route_prefix="/b", **common)
+        unbatched = ServiceConfig(batching=False, cache=False, app_name="rs-unbatched", route_prefix="/u", **common)
+        for config in (batched, unbatched):
+            serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "gcs": ray.get_runtime_context().gcs_address}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def scorer(manifest: Path):
+    return load_scorer("onnx-fp32", manifest_path=manifest)
+
+
+def make_list(n_docs: int, n_features: int, seed: int) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [f"doc-{seed}-{i}" for i in range(n_docs)], rng.normal(size=(n_docs, n_features)).astype(np.float32)
+
+
+def compact(qid: str, ids: list[str], X: np.ndarray) -> dict:
+    return {"query_id": qid, "doc_ids": ids, "features": X.tolist()}
+
+
+def unique_qid(name: str) -> str:
+    return f"{name}-{time.time_ns()}"
+
+
+def test_served_scores_equal_offline_scores(service: dict, http: httpx.Client, scorer) -> None:
+    ids, X = make_list(40, scorer.n_features, seed=1)
+    resp = http.post(f"{service['url']}/b/rank",
+                     json={"query_id": unique_qid("offline"),
+                           "documents": [{"id": i, "features": r} for i, r in zip(ids, X.tolist(), strict=True)]})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    served = {r["id"]: r["score"] for r in body["results"]}
+    np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X), atol=1e-5)
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert body["model"] == {"name": scorer.model, "variant": "onnx-fp32", "version": scorer.version}
+    assert body["degraded"] is False and body["cached"] is False
+    assert set(body["timings_ms"]) == {"parse", "cache", "queue", "inference", "total"}
+
+
+def test_repeat_is_a_cache_hit_with_the_same_ranking(service: dict, http: httpx.Client, scorer) -> None:
+    ids, X = make_list(25, scorer.n_features, seed=2)
+    qid = unique_qid("repeat")
+    first = http.post(f"{service['url']}/b/rank", json=compact(qid, ids, X)).json()
+    second = http.post(f"{service['url']}/b/rank", content=encode_msgpack(qid, ids, X),
+                       headers={"content-type": "application/msgpack"}).json()
+    assert first["cached"] is False and second["cached"] is True
+    assert second["results"] == first["results"] and second["model"] == first["model"]
+    metrics = http.get(f"{service['url']}/b/metrics").text
+    assert 'rankserve_cache_total{result="hit"}' in metrics
+
+
+@pytest.mark.parametrize(
+    ("make_body", "ctype", "status", "field"),
+    [
+        (lambda F: json.dumps(compact("q", ["a"], np.ones((1, F - 1)))), "application/json", 422, "features[0]"),
+        (lambda F: json.dumps(compact("q", ["a", "b"], np.full((2, F), np.nan))), "application/json", 422, "features[0][0]"),
+        (lambda F: json.dumps(compact("q", ["a", "a"], np.ones((2, F)))), "application/json", 422, "doc_ids[1]"),
+        (lambda F: json.dumps({"query_id": "q", "documents": []}), "application/json", 422, "documents"),
+        (lambda F: json.dumps(compact("q", [str(i) for i in range(201)], np.ones((201, F)))), "application/json", 422, "doc_ids"),
+        (lambda F: '{"query_id": "q", "doc_ids": [', "application/json", 400, "body"),
+        (lambda F: "q=1", "text/plain", 415, "Content-Type"),
+        (lambda F: json.dumps(compact("q", ["a"], np.ones((1, MAX_BODY // 4)))), "application/json", 413, "body"),
+        (lambda F: encode_msgpack("q", ["a"], np.ones((1, F - 1))), "application/msgpack", 422, "n_features"),
+    ],
+)
+def test_bad_input_gets_4xx_from_ray_serve(service: dict, http: httpx.Client, scorer, make_body, ctype, status, field) -> None:
+    resp = http.post(f"{service['url']}/b/rank", content=make_body(scorer.n_features), headers={"content-type": ctype})
+    assert resp.status_code == status, resp.text
+    assert resp.json()["field"] == field
+
+
+def test_batched_and_unbatched_scores_agree(service: dict, http: httpx.Client, scorer) -> None:
+    lists = [make_list(5 + 7 * k, scorer.n_features, seed=100 + k) for k in range(8)]
+    qids = [unique_qid(f"batch{k}") for k in range(8)]
+
+    def post(prefix: str, k: int) -> dict:
+        resp = http.post(f"{service['url']}/{prefix}/rank", json=compact(qids[k], *lists[k]))
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent: they share batches inside the 100 ms window
+        batched = list(pool.map(lambda k: post("b", k), range(8)))
+    unbatched = [post("u", k) for k in range(8)]
+    for b, u in zip(batched, unbatched, strict=True):
+        assert b["degraded"] is False and b["cached"] is False
+        assert [r["id"] for r in b["results"]] == [r["id"] for r in u["results"]]
+        np.testing.assert_allclose([r["score"] for r in b["results"]], [r["score"] for r in u["results"]], atol=1e-6)
+    metrics = http.get(f"{service['url']}/b/metrics").text
+    one_request_batches = _sample(metrics, 'rankserve_batch_requests_bucket{le="1.0"}')
+    all_batches = _sample(metrics, "rankserve_batch_requests_count")
+    assert one_request_batches < all_batches, "no batch held more than one request"
+
+
+def _sample(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_redis_down_keeps_answering_and_recovers(service: dict, http: httpx.Client, scorer,
+                                                 cache_redis: EmbeddedRedis) -> None:
+    ids, X = make_list(10, scorer.n_features, seed=3)
+    qid = unique_qid("redis-down")
+    url = f"{service['url']}/b"
+    cache_redis.stop()
+    try:
+        for _ in range(3):
+            resp = http.post(f"{url}/rank", json=compact(qid, ids, X))
+            assert resp.status_code == 200 and resp.json()["degraded"] is False and resp.json()["cached"] is False
+        ready = http.get(f"{url}/readyz")
+        assert ready.status_code == 200 and ready.json()["redis"] == "down"
+        assert 'rankserve_cache_total{result="error"}' in http.get(f"{url}/metrics").text
+    finally:
+        cache_redis.start()
+    deadline = time.monotonic() + 30  # the circuit breaker lets a probe through after a few seconds
+    cached = False
+    while time.monotonic() < deadline and not cached:
+        resp = http.post(f"{url}/rank", json=compact(qid, ids, X))
+        assert resp.status_code == 200
+        cached = resp.json()["cached"]
+        time.sleep(0.5)
+    assert cached, "the cache did not recover after Redis came back"
+    assert http.get(f"{url}/readyz").json()["redis"] == "up"
+
+
+def test_baseline_and_ray_serve_rank_alike(service: dict, http: httpx.Client, manifest: Path, scorer) -> None:
+    baseline_scorer = load_scorer("torch-eager", manifest_path=manifest)
+    ids, X = make_list(60, scorer.n_features, seed=4)
+    body = {"query_id": unique_qid("baseline"),
+            "documents": [{"id": i, "features": r} for i, r in zip(ids, X.tolist(), strict=True)]}
+    with TestClient(create_app(ServiceConfig(variant="torch-eager", cache=False), scorer=baseline_scorer)) as client:
+        base = client.post("/rank", json=body).json()
+    ray_answer = http.post(f"{service['url']}/u/rank", json=body).json()
+    assert [r["id"] for r in base["results"]] == [r["id"] for r in ray_answer["results"]]
+    np.testing.assert_allclose([r["score"] for r in base["results"]], [r["score"] for r in ray_answer["results"]],
+                               atol=1e-5)
+    assert base["model"]["name"] == ray_answer["model"]["name"]
+
+
+def test_model_swap_under_traffic_and_new_version_misses(service: dict, http: httpx.Client, scorer) -> None:
+    url = f"{service['url']}/b"
+    ids, X = make_list(20, scorer.n_features, seed=5)
+    qid = unique_qid("swap")
+    before = http.post(f"{url}/rank", json=compact(qid, ids, X)).json()
+    assert before["model"]["variant"] == "onnx-fp32"
+
+    stop = threading.Event()
+    answers: list[tuple[int, dict]] = []
+
+    def traffic() -> None:  # bounded: stops when the swap is done, or after 120 requests
+        with httpx.Client(timeout=60) as client:
+            for n in range(120):
+                if stop.is_set():
+                    break
+                other_ids, other_X = make_list(8, scorer.n_features, seed=1000 + n)
+                r = client.post(f"{url}/rank", json=compact(unique_qid("traffic"), other_ids, other_X))
+                answers.append((r.status_code, r.json()))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        swap = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32-opt"}, timeout=180)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert swap.status_code == 200, swap.text
+    assert swap.json()["model"]["variant"] == "onnx-fp32-opt"
+    assert answers and all(status == 200 and not a["degraded"] for status, a in answers)
+    assert {a["model"]["variant"] for _, a in answers} <= {"onnx-fp32", "onnx-fp32-opt"}
+
+    after = http.post(f"{url}/rank", json=compact(qid, ids, X)).json()
+    assert after["model"]["variant"] == "onnx-fp32-opt" and after["model"]["version"] != before["model"]["version"]
+    assert after["cached"] is False  # the new version never serves the old one's answer
+    np.testing.assert_allclose([r["score"] for r in after["results"]], [r["score"] for r in before["results"]], atol=1e-5)
+
+    bad = http.post(f"{url}/admin/model", json={"variant": "no-such-variant"})
+    assert bad.status_code == 422 and bad.json()["field"] == "variant"
+    back = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32"}, timeout=180)
+    assert back.status_code == 200
+    again = http.post(f"{url}/rank", json=compact(qid, ids, X)).json()
+    assert again["cached"] is True and again["model"] == before["model"]
+
+
+def test_cli_joins_cluster_prints_ready_and_stops_cleanly(service: dict, http: httpx.Client, manifest: Path,
+                                                          cache_redis: EmbeddedRedis,
+                                                          scorer) -> None:
+    cmd = [sys.executable, "serve/run.py", "--address", service["gcs"], "--variant", "onnx-fp32",
+           "--manifest-path", str(manifest), "--app-name", "rs-cli", "--route-prefix", "/cli",
+           "--port", str(service["port"]), "--no-cache", "--no-batching", "--redis-url", cache_redis.url]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    try:
+        ready = _wait_for_line(proc, "READY ", lines, timeout_s=240)
+        assert ready == f"READY {service['url']}/cli", lines
+        ids, X = make_list(5, scorer.n_features, seed=6)
+        resp = http.post(f"{service['url']}/cli/rank", json=compact("cli", ids, X))
+        assert resp.status_code == 200 and resp.json()["model"]["variant"] == "onnx-fp32"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert http.get(f"{service['url']}/cli/healthz").status_code == 404  # its app is gone
+    assert http.get(f"{service['url']}/b/healthz").status_code == 200  # the cluster's other apps are not
+
+
+def _wait_for_line(proc: subprocess.Popen, prefix: str, lines: list[str], timeout_s: float) -> str:
+    """Read the process's output (in a thread, so the wait is bounded) until a line starts with prefix."""
+    found: list[str] = []
+
+    def reader() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith(prefix) and not found:
+                found.append(line.strip())
+
+    threading.Thread(target=reader, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not found and proc.poll() is None:
+        time.sleep(0.2)
+    assert found, f"no {prefix!r} line; output: {lines[-20:]}"
+    return found[0]
