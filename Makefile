@@ -20,8 +20,8 @@ venv: $(STAMP)
 
 # The lab on embedded defaults: synthetic data, a local Redis, local Ray.
 lab: venv
-	$(PY) models/train.py --arch mlp
-	$(PY) models/train.py --arch attention
+	$(PY) models/train.py --arch mlp --max-seconds 60
+	$(PY) models/train.py --arch attention --max-seconds 90
 	$(PY) export/quantize.py
 	$(PY) loadtest/sweep.py --profile quick
 

@@ -20,21 +20,14 @@ from typing import Any
 import numpy as np
 
 from export.manifest import Manifest, VariantEntry, sha256_of
-from models.paths import variants_dir
+from models.paths import default_model_name, variants_dir
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-def _default_model() -> str:
-    try:
-        from models.train import DEFAULT_LOSS
-        return f"mlp-{DEFAULT_LOSS['mlp']}"
-    except ImportError:  # models.train not importable: fall back to the lab's default
-        return "mlp-lambdarank"
-
-
-DEFAULT_MODEL = _default_model()
+# The model the lab serves: the MLP trained with its default loss.
+DEFAULT_MODEL = default_model_name("mlp")
 
 
 class InvalidVariantError(ValueError):

@@ -669,11 +669,8 @@ def snapshot_manifests(sweep: Sweep, run_dir: Path) -> None:
     models = {e.service.model for e in sweep.entries}
     for model in models:
         if model is None:
-            try:
-                from export.runtime import DEFAULT_MODEL
-                model = DEFAULT_MODEL
-            except Exception:  # noqa: BLE001 - the report then shows no accuracy columns
-                model = "mlp-lambdarank"
+            from export.runtime import DEFAULT_MODEL
+            model = DEFAULT_MODEL
         source = ARTIFACTS / "variants" / model / "manifest.json"
         if source.exists():
             target = run_dir / "manifests" / f"{model}.json"

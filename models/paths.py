@@ -18,3 +18,12 @@ def model_dir(name: str) -> Path:
 def variants_dir(name: str) -> Path:
     """Folder of one model's exported variants and their manifest."""
     return ARTIFACTS / "variants" / name
+
+
+# The loss each architecture is trained with by default (the best per architecture in
+# results/ltr_losses.md); a checkpoint's folder is named `<arch>-<loss>`.
+DEFAULT_LOSS = {"mlp": "ranknet", "attention": "listmle"}
+
+
+def default_model_name(arch: str) -> str:
+    return f"{arch}-{DEFAULT_LOSS[arch]}"

@@ -33,12 +33,9 @@ from models.data import LTRDataset, LTRSplit, batch_query_indices, load_dataset,
 from models.environment import git_commit  # noqa: E402
 from models.losses import LOSSES  # noqa: E402
 from models.metrics import evaluate  # noqa: E402
-from models.paths import model_dir  # noqa: E402
+from models.paths import DEFAULT_LOSS, model_dir  # noqa: E402
 from models.rankers import RankerConfig, build_ranker, count_parameters, fit_normalizer, is_pointwise  # noqa: E402
 
-# The best test NDCG@10 per arch in `python models/compare_losses.py` on the default synthetic data
-# (results/ltr_losses.md): ranknet for the MLP, listmle for the attention ranker.
-DEFAULT_LOSS = {"mlp": "ranknet", "attention": "listmle"}
 WEIGHTS_FILE, CARD_FILE = "model.safetensors", "model_card.json"
 EVAL_BATCH_DOCS = 32768  # documents per scoring batch in evaluation (pointwise)
 EVAL_BATCH_QUERIES = 32  # lists per scoring batch in evaluation (listwise)
