@@ -496,11 +496,36 @@ def headline_table(run_dir: Path | str) -> str:
     return "\n".join(blocks)
 
 
+README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+
+def update_readme(run_dir: Path | str, readme: Path | str) -> None:
+    """Replace README's headline block with this run's table, so README's figures come from a run."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_START} ... {README_END} block to replace")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    run_dir = Path(run_dir)
+    try:
+        link = run_dir.resolve().relative_to(readme.resolve().parent)
+    except ValueError:
+        link = run_dir
+    block = (f"{README_START}\nFrom the run [`{link}`]({link}/summary.md) "
+             f"(`python loadtest/report.py {link} --readme README.md`):\n\n{headline_table(run_dir)}{README_END}")
+    readme.write_text(head + block + tail)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write summary.md, CSVs and plots for a sweep run folder.")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--headline", action="store_true", help="print README's headline table only")
+    parser.add_argument("--readme", type=Path, help="replace this README's headline block with the run's table")
     args = parser.parse_args(argv)
+    if args.readme:
+        update_readme(args.run_dir, args.readme)
+        return 0
     print(headline_table(args.run_dir) if args.headline else write_report(args.run_dir))
     return 0
 

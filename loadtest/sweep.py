@@ -44,7 +44,7 @@ Variant = Literal["torch-eager", "onnx-fp32", "onnx-fp32-opt", "onnx-int8-dynami
                   "onnx-fp16"]
 Encoding = Literal["json", "compact", "msgpack", "feature-store"]
 Scenario = Literal["steady", "ramp", "spike", "cache-mix", "list-mix"]
-DEFAULT_PORTS = {"ray": 8000, "baseline": 8001}
+DEFAULT_PORTS = {"ray": 8000, "baseline": 8001, "uvicorn": 8002}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +55,9 @@ class ServiceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    server: Literal["baseline", "ray"] = "ray"
+    # baseline: serve/baseline.py as a team writes it first (naive JSON parsing, no cache);
+    # uvicorn: the same plain uvicorn server with the Ray app's parser and optional cache, to isolate Ray's cost.
+    server: Literal["baseline", "uvicorn", "ray"] = "ray"
     variant: Variant = "onnx-int8-dynamic"
     model: str | None = None
     batching: bool = False
@@ -73,15 +75,16 @@ class ServiceSpec(BaseModel):
 
     @model_validator(mode="after")
     def _baseline_has_no_ray_options(self) -> ServiceSpec:
-        if self.server == "baseline":
-            ray_only = {"batching": self.batching, "cache": self.cache, "ingress": self.ingress != "default",
+        if self.server in ("baseline", "uvicorn"):
+            ray_only = {"batching": self.batching, "cache": self.cache and self.server == "baseline",
+                        "ingress": self.ingress != "default",
                         "replicas": self.replicas != 1, "max_batch_docs": self.max_batch_docs is not None,
                         "batch_wait_ms": self.batch_wait_ms is not None,
                         "inference_workers": self.inference_workers is not None,
                         "max_ongoing_requests": self.max_ongoing_requests is not None}
             wrong = sorted(name for name, is_set in ray_only.items() if is_set)
             if wrong:
-                raise ValueError(f"{', '.join(wrong)}: only for server 'ray', not 'baseline'")
+                raise ValueError(f"{', '.join(wrong)}: not for server {self.server!r}")
         return self
 
     @property
@@ -241,9 +244,11 @@ def _cpu_list(cores: list[int]) -> str:
 # ----------------------------------------------------------------------------------------------
 def service_command(spec: ServiceSpec, cores: dict | None = None) -> list[str]:
     """The command line that starts `spec` (pinned to the service's cores when planned)."""
-    if spec.server == "baseline":
+    if spec.server in ("baseline", "uvicorn"):
         command = [sys.executable, str(REPO_ROOT / "serve" / "baseline.py"), "--port", str(spec.effective_port),
                    "--variant", spec.variant, "--threads", str(spec.threads)]
+        if spec.server == "uvicorn":
+            command += ["--parse", "fast", *(["--cache"] if spec.cache else [])]
         if spec.model:
             command += ["--model", spec.model]
     else:

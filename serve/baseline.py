@@ -6,7 +6,9 @@ FastAPI's default body parsing). Same API and same response shapes as the Ray Se
 it runs the same core (serve/ranking.py); compact JSON and msgpack bodies are accepted too.
 
 `--variant onnx-int8-dynamic` (any manifest variant) serves an ONNX Runtime variant on plain
-uvicorn instead, so that Ray Serve's own overhead can be measured against the same model.
+uvicorn instead, so that Ray Serve's own overhead can be measured against the same model; with
+`--parse fast` and `--cache` it gets the same request parsing and Redis result cache as the Ray app,
+so the only difference left is Ray Serve itself.
 
     python serve/baseline.py [--port 8001] [--variant torch-eager] [--model NAME] [--threads 1]
 """
@@ -21,6 +23,7 @@ _HERE = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _HERE]
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -73,28 +76,34 @@ class LocalBackend:
         )
 
 
-def create_app(config: ServiceConfig, scorer: Any = None) -> FastAPI:
+def create_app(config: ServiceConfig, scorer: Any = None, parse_mode: str = "naive") -> FastAPI:
     """The baseline app; `scorer` defaults to `load_scorer(config.variant, ...)` (tests pass one)."""
     if scorer is None:
         from export.runtime import load_scorer
 
         scorer = load_scorer(config.variant, config.model, threads=config.threads, manifest_path=config.manifest_path)
-    feature_store = None
+    feature_store = cache = None
     if config.redis_url:
         from serve.feature_store import AsyncFeatureStore
 
         feature_store = AsyncFeatureStore(config.redis_url)
+    if config.cache:
+        if not config.redis_url:
+            raise ValueError("cache: needs --redis-url or $REDIS_URL")
+        from serve.cache import AsyncResultCache
+
+        cache = AsyncResultCache(config.redis_url, ttl_s=config.cache_ttl_s, timeout_s=config.redis_timeout_s)
     metrics = ServiceMetrics(use_ray=False)
     core = RankingCore(
         backend=LocalBackend(scorer),
         metrics=metrics,
-        cache=None,
+        cache=cache,
         feature_store=feature_store,
         feature_dataset=config.feature_dataset,
         max_docs=config.max_docs,
         max_body_bytes=config.max_body_bytes,
         deadline_ms=config.deadline_ms,
-        parse_mode="naive",
+        parse_mode=parse_mode,
     )
     app = FastAPI(title="rankserve baseline", version="0.1.0", description="Naive FastAPI + uvicorn ranking server.")
     install_openapi(app)
@@ -129,7 +138,7 @@ def create_app(config: ServiceConfig, scorer: Any = None) -> FastAPI:
     return app
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, str]:
     p = argparse.ArgumentParser(description="The baseline ranking server (FastAPI + uvicorn, no Ray).")
     p.add_argument("--variant", default=BASELINE_VARIANT, help="torch-eager, or an ONNX variant to measure Ray's overhead")
     p.add_argument("--model", default=None)
@@ -137,20 +146,27 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
-    p.add_argument("--redis-url", default=None, help="feature-store mode only (the baseline has no cache)")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                   help="Redis for feature-store mode and --cache (default $REDIS_URL)")
+    p.add_argument("--parse", choices=["naive", "fast"], default="naive",
+                   help="naive: json module + pydantic (the baseline); fast: the Ray app's parser")
+    p.add_argument("--cache", action="store_true", help="the Redis result cache (off in the baseline)")
+    p.add_argument("--cache-ttl-s", type=float, default=300.0)
     p.add_argument("--feature-dataset", default="synthetic")
     p.add_argument("--deadline-ms", type=float, default=1000.0)
     p.add_argument("--max-docs", type=int, default=5000)
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     args = p.parse_args(argv)
-    return ServiceConfig(**vars(args), cache=False, batching=False)
+    options = vars(args)
+    parse_mode = options.pop("parse")
+    return ServiceConfig(**options, batching=False), parse_mode
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
-    config = parse_args(argv)
-    app = create_app(config)
+    config, parse_mode = parse_args(argv)
+    app = create_app(config, parse_mode=parse_mode)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
 
     def announce() -> None:  # READY once the socket is bound, like serve/run.py

@@ -34,8 +34,9 @@ def make_list(n_docs: int, n_features: int, seed: int = 0) -> tuple[list[int], n
 
 
 def test_defaults_are_the_naive_setup() -> None:
-    config = parse_args([])
+    config, parse_mode = parse_args([])
     assert (config.variant, config.port, config.batching, config.cache) == ("torch-eager", 8001, False, False)
+    assert parse_mode == "naive"
 
 
 def test_torch_eager_baseline_serves_offline_scores(manifest: Path) -> None:
@@ -88,3 +89,26 @@ def test_cli_serves_an_onnx_variant_and_stops_on_sigterm(manifest: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_plain_uvicorn_option_parses_fast_and_caches_in_redis(manifest: Path, redis_url: str) -> None:
+    """`--parse fast --cache`: Ray's parser and result cache on plain uvicorn, to isolate Ray's cost."""
+    scorer = load_scorer("onnx-fp32", manifest_path=manifest)
+    ids, X = make_list(30, scorer.n_features, seed=11)
+    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, redis_url=redis_url,
+                           batching=False)
+    app = create_app(config, parse_mode="fast")
+    assert app.state.core.parse_mode == "fast"
+    body = {"query_id": "uvicorn-cache", "doc_ids": ids, "features": X.tolist()}
+    with TestClient(app) as client:
+        first, second = (client.post("/rank", json=body).json() for _ in range(2))
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert [r["id"] for r in first["results"]] == [r["id"] for r in second["results"]]
+    served = {r["id"]: r["score"] for r in first["results"]}
+    np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X), atol=1e-5)
+
+
+def test_cache_without_redis_is_refused_with_the_field_named(manifest: Path) -> None:
+    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, batching=False)
+    with pytest.raises(ValueError, match="cache"):
+        create_app(config, parse_mode="fast")

@@ -105,3 +105,15 @@ def test_slo_search_steps_become_a_latency_load_curve(run_a: Path) -> None:
     assert list(baseline["rate_per_s"]) == [45.0, 90.0, 180.0]
     assert list(baseline["meets_slo"]) == [True, True, False]
     assert len((run_a / "slo_steps.csv").read_text().splitlines()) == 1 + 6
+
+
+def test_readme_headline_block_is_replaced_and_the_rest_kept(run_a: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{report.README_START}\nold figures\n{report.README_END}\nafter\n")
+    report.update_readme(run_a, readme)
+    text = readme.read_text()
+    assert "old figures" not in text and text.startswith("# title\n\nbefore\n") and text.endswith("after\n")
+    assert report.headline_table(run_a) in text
+    readme.write_text("# no block\n")
+    with pytest.raises(ValueError, match="headline"):
+        report.update_readme(run_a, readme)

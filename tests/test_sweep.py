@@ -94,7 +94,7 @@ def test_base_inherits_the_service_and_overrides_fields(tmp_path: Path) -> None:
     (GOOD.replace("base: int8", "base: int9"), "'int9' is not an earlier entry's name"),
     (GOOD.replace("name: int8", "name: batching").replace("base: int8", "base: batching"), "duplicate names"),
     (GOOD.replace("{server: baseline, variant: torch-eager}", "{server: baseline, cache: true}"),
-     "cache: only for server 'ray'"),
+     "cache: not for server 'baseline'"),
     ("name: x\nentries: []\n", "entries"),
     ("name: [unclosed\n", "not valid YAML"),
 ])
