@@ -20,8 +20,9 @@ def variants_dir(name: str) -> Path:
     return ARTIFACTS / "variants" / name
 
 
-# The loss each architecture is trained with by default (the best per architecture in
-# results/ltr_losses.md); a checkpoint's folder is named `<arch>-<loss>`.
+# The loss each architecture is trained with by default: the best per architecture in the first
+# comparison run; in results/ltr_losses.md the top losses of each architecture lie within one seed's
+# noise of each other. A checkpoint's folder is named `<arch>-<loss>`.
 DEFAULT_LOSS = {"mlp": "ranknet", "attention": "listmle"}
 
 
