@@ -116,6 +116,26 @@ def _read_result(path: Path, log_path: Path, rc: int) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _trial(raw: dict[str, Any], results: Path, **fields: Any) -> TrialResult:
+    """A TrialResult from a generator's result JSON; `fields` are what differs between generators."""
+    return TrialResult(
+        n_docs=_mean_docs(raw),
+        encoding=raw.get("encoding") or "",
+        duration_s=raw["duration_s"],
+        requests=raw["requests"],
+        failures=raw["failures"],
+        error_rate=raw["error_rate"],
+        rps=raw["rps"],
+        docs_per_s=raw["docs_per_s"],
+        latency_ms=_latency(raw["latency_ms"]),
+        cache_hit_ratio=raw["cache_hit_ratio"],
+        server_timings_ms=raw["server_timings_ms"],
+        sizes=raw.get("sizes") or [],
+        raw_path=str(results),
+        **fields,
+    )
+
+
 def run_closed_loop(
     host: str,
     payloads_path: str | Path,
@@ -162,23 +182,12 @@ def run_closed_loop(
         child_env["RANKSERVE_RUN_SALT"] = str(int(time.time()) % 10**5)  # workers share cache-mix ids
     rc = _run_child(cmd, child_env, log_path, timeout_s or duration_s + 120, cpus)
     raw = _read_result(results, log_path, rc)
-    return TrialResult(
+    return _trial(
+        raw,
+        results,
         scenario=scenario,
-        n_docs=_mean_docs(raw),
-        encoding=raw.get("encoding") or "",
-        duration_s=raw["duration_s"],
-        requests=raw["requests"],
-        failures=raw["failures"],
-        error_rate=raw["error_rate"],
-        rps=raw["rps"],
-        docs_per_s=raw["docs_per_s"],
-        latency_ms=_latency(raw["latency_ms"]),
-        cache_hit_ratio=raw["cache_hit_ratio"],
-        server_timings_ms=raw["server_timings_ms"],
         mode="closed-loop",
         users=raw.get("peak_users") or users,
-        sizes=raw.get("sizes") or [],
-        raw_path=str(results),
         extra={"locust": raw.get("locust"), "exit_code": rc, "latency_by_name_ms": raw.get("latency_by_name_ms"),
                "cpu_affinity": raw.get("cpu_affinity")},
     )
@@ -231,25 +240,14 @@ def run_open_loop(
         cmd += ["--zipf-s", repr(float(zipf_s))]
     rc = _run_child(cmd, dict(os.environ), log_path, timeout_s or duration_s + 2 * request_timeout + 60, cpus)
     raw = _read_result(results, log_path, rc)
-    return TrialResult(
+    return _trial(
+        raw,
+        results,
         scenario=scenario,
-        n_docs=_mean_docs(raw),
-        encoding=raw["encoding"],
-        duration_s=raw["duration_s"],
-        requests=raw["requests"],
-        failures=raw["failures"],
-        error_rate=raw["error_rate"],
-        rps=raw["rps"],
-        docs_per_s=raw["docs_per_s"],
-        latency_ms=_latency(raw["latency_ms"]),
+        mode="open-loop",
         uncorrected_latency_ms=_latency(raw["uncorrected_latency_ms"]),
         late_sends=raw["late_sends"],
-        cache_hit_ratio=raw["cache_hit_ratio"],
-        server_timings_ms=raw["server_timings_ms"],
-        mode="open-loop",
         target_rate_per_s=float(rate_per_s),
-        sizes=raw.get("sizes") or [],
-        raw_path=str(results),
         extra={
             k: raw[k]
             for k in ("scheduled", "scheduled_duration_s", "sent", "send_rate_per_s", "mean_interarrival_ms", "max_send_lag_ms",

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from loadtest_rank_app import running_rank_app
 
 from serve.redis_server import EmbeddedRedis, start_embedded_redis
 
@@ -39,3 +40,10 @@ def disposable_redis() -> Iterator[EmbeddedRedis]:
     """A private server this test may stop and restart (on the same port) at will."""
     with start_embedded_redis(maxmemory="32mb") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def rank_url() -> Iterator[str]:
+    """A small real /rank server with the service's response shape (tests/loadtest_rank_app.py)."""
+    with running_rank_app() as url:
+        yield url

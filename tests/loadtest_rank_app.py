@@ -124,14 +124,14 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
 
 
 @contextlib.contextmanager
-def running_rank_app(timeout_s: float = 60.0) -> Iterator[str]:
-    """Start this app on a free loopback port in a subprocess; yield its base URL; stop it."""
-    port = free_port()
-    log = tempfile.TemporaryFile()  # server stderr, kept off a pipe that nobody drains
+def running_server(args: list[str], port: int, timeout_s: float = 60.0, cwd: Path | None = None) -> Iterator[str]:
+    """Run `python ARGS` (a server listening on `port`); yield its base URL once /readyz answers; stop it."""
+    log = tempfile.TemporaryFile()  # server output, kept off a pipe that nobody drains
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
+        [sys.executable, *args],
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -146,6 +146,14 @@ def running_rank_app(timeout_s: float = 60.0) -> Iterator[str]:
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+@contextlib.contextmanager
+def running_rank_app(timeout_s: float = 60.0) -> Iterator[str]:
+    """Start this app on a free loopback port in a subprocess; yield its base URL; stop it."""
+    port = free_port()
+    with running_server([str(Path(__file__).resolve()), "--port", str(port)], port, timeout_s) as url:
+        yield url
 
 
 if __name__ == "__main__":

@@ -14,18 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loadtest_rank_app import free_port, running_rank_app, wait_ready
+from loadtest_rank_app import free_port, running_server
 
 from loadtest.payloads import build_payloads
 from loadtest.runner import LOCUSTFILE, REPO_ROOT, TrialResult, run_closed_loop
 
 pytestmark = pytest.mark.slow  # starts real Locust runs (a few seconds each)
 
-
-@pytest.fixture(scope="module")
-def rank_url() -> Iterator[str]:
-    with running_rank_app() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -140,21 +135,8 @@ def baseline_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not (REPO_ROOT / "serve" / "baseline.py").exists():
         pytest.skip("serve/baseline.py is not there")
     port = free_port()
-    log = (tmp_path_factory.mktemp("baseline") / "baseline.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", _BASELINE_LAUNCHER, str(port)], cwd=REPO_ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, 120, proc)
+    with running_server(["-c", _BASELINE_LAUNCHER, str(port)], port, timeout_s=120, cwd=REPO_ROOT) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-        log.close()
 
 
 def test_end_to_end_against_the_baseline_service(baseline_url: str, payload_file: Path, tmp_path: Path) -> None:

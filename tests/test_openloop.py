@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from loadtest_rank_app import running_rank_app
 from scipy import stats
 
 from loadtest.openloop import poisson_schedule, require_loopback
 from loadtest.payloads import build_payloads
 from loadtest.runner import TrialResult, max_throughput_under_slo, run_open_loop, search_rate
-
-
-@pytest.fixture(scope="module")
-def rank_url() -> Iterator[str]:
-    with running_rank_app() as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
