@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
+from serve.cache import cache_key
 from serve.encoding import JSON_TYPES, MSGPACK_TYPES, ParsedRequest, ParseMode, media_type, parse_body
 from serve.metrics import ServiceMetrics
 from serve.schemas import RequestError
@@ -220,12 +221,11 @@ class RankingCore:
                 self.metrics.observe_degraded("feature_store")
                 return answer(fallback_results(req.doc_ids), cached=False, degraded=True)
 
-        key = None
+        key = key_model = None
         if self.cache is not None:
-            from serve.cache import cache_key
-
             t = time.perf_counter()
-            key = cache_key(model["name"], model["variant"], model["version"], req.query_id, req.doc_ids, features)
+            key_model = (model["name"], model["variant"], model["version"])
+            key = cache_key(*key_model, req.query_id, req.doc_ids, features)
             failures_before = _cache_failures(self.cache)
             hit = await self.cache.get(key)
             timings["cache"] = (time.perf_counter() - t) * 1000
@@ -254,9 +254,9 @@ class RankingCore:
             self.metrics.observe_batch(outcome.batch_docs, outcome.batch_requests)
         results = ranked_results(req.doc_ids, outcome.scores)
         if self.cache is not None:
-            from serve.cache import cache_key
-
-            key = cache_key(model["name"], model["variant"], model["version"], req.query_id, req.doc_ids, features)
+            scored_by = (model["name"], model["variant"], model["version"])
+            if scored_by != key_model:  # a swap happened meanwhile: store under the model that scored it
+                key = cache_key(*scored_by, req.query_id, req.doc_ids, features)
             self._background(self.cache.set(key, orjson.dumps({"model": model, "results": results})))
         return answer(results, cached=False, degraded=False)
 
