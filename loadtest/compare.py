@@ -5,6 +5,13 @@ Why: a 7% slower p99 between two runs means nothing when the trials of each run 
 either run's own spread (min-max over its trials) and by more than a small relative floor
 (`--min-change`, 5% by default, for single-trial runs whose spread is zero).
 
+Both runs are read through the typed records (loadtest/report_frames.py): a latency percentile is
+the one over all a row's samples (the trials' histograms merged) and its spread the trials' own
+percentiles' min-max; requests/s is the trials' median and min-max. The maximum under the objective
+is shown with its status; its spread is its bracket (the search cannot tell rates inside it apart),
+and a change is flagged only between two figures that are a service's limit (CONVERGED or
+LOWER-BOUND), never a GENERATOR-BOUND or INVALID one.
+
     python loadtest/compare.py results/runs/<run A> results/runs/<run B> [--fail-on-regression]
 """
 
@@ -16,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loadtest.report import load_run, slo_frame, trials_frame
+from loadtest.report_frames import USABLE_SLO, load_run, row_frame, slo_frame
 
 # metric -> (label, higher is better)
 METRICS = {
@@ -30,25 +37,26 @@ DEFAULT_MIN_CHANGE = 0.05
 
 
 def _stats(run_dir: Path | str) -> pd.DataFrame:
-    """Per (device, list size, entry, scenario, metric): median, min and max over the trials."""
+    """Per (device, list size, entry, scenario, metric): the row's figure, its spread (min, max) and status."""
     run = load_run(run_dir)
-    trials = trials_frame(run)
+    rows = row_frame(run)
     frames = []
-    if not trials.empty:
+    if not rows.empty:
         for metric in ("p50", "p99", "rps"):
-            grouped = trials.groupby(KEYS)[metric]
-            stats = pd.DataFrame({"median": grouped.median(), "min": grouped.min(), "max": grouped.max()})
-            frames.append(stats.reset_index().assign(metric=metric))
+            frames.append(rows[KEYS].assign(metric=metric, median=rows[metric], min=rows[f"{metric}_min"],
+                                            max=rows[f"{metric}_max"], status=None))
         slo = slo_frame(run)
         if not slo.empty:
-            # One search per entry and list size: no spread; it is set beside the entry's first scenario.
-            first_scenario = trials.groupby(["device", "list_size", "entry"])["scenario"].first().reset_index()
-            slo = slo.merge(first_scenario, on=["device", "list_size", "entry"], how="left")
+            # One search per entry and list size: set beside the entry's first scenario.
+            first_scenario = rows.groupby(["device", "list_size", "entry"], sort=False)["scenario"].first()
+            slo = slo.merge(first_scenario.reset_index(), on=["device", "list_size", "entry"], how="left")
             slo["scenario"] = slo["scenario"].fillna("steady")
-            value = slo["max_rps_under_slo"]
-            frames.append(slo[KEYS].assign(median=value, min=value, max=value, metric="max_rps_under_slo"))
+            value = slo["max_rps_under_slo"].astype(float)
+            cap = slo["bracket_cap"].astype(float).where(value.notna())
+            frames.append(slo[KEYS].assign(metric="max_rps_under_slo", median=value, min=value,
+                                           max=cap.fillna(value), status=slo["slo_status"]))
     if not frames:
-        return pd.DataFrame(columns=[*KEYS, "metric", "median", "min", "max"])
+        return pd.DataFrame(columns=[*KEYS, "metric", "median", "min", "max", "status"])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -56,6 +64,8 @@ def verdict(metric: str, a: pd.Series, b: pd.Series, min_change: float = DEFAULT
     """'regression', 'gain' or '' for one metric: flagged only beyond both runs' spread and the floor."""
     if pd.isna(a["median"]) or pd.isna(b["median"]):
         return ""
+    if metric == "max_rps_under_slo" and not (a.get("status") in USABLE_SLO and b.get("status") in USABLE_SLO):
+        return ""  # a GENERATOR-BOUND or INVALID figure is not the service's limit: no change to flag
     delta = float(b["median"] - a["median"])
     spread = max(float(a["max"] - a["min"]), float(b["max"] - b["min"]))
     floor = abs(float(a["median"])) * min_change
@@ -72,16 +82,16 @@ def compare_runs(run_a: Path | str, run_b: Path | str, min_change: float = DEFAU
     merged = a.merge(b, on=[*KEYS, "metric"], suffixes=("_a", "_b"), how="inner")
     rows = []
     for _, row in merged.iterrows():
-        sa = pd.Series({"median": row["median_a"], "min": row["min_a"], "max": row["max_a"]})
-        sb = pd.Series({"median": row["median_b"], "min": row["min_b"], "max": row["max_b"]})
+        sa, sb = (pd.Series({k: row[f"{k}_{x}"] for k in ("median", "min", "max", "status")}) for x in "ab")
         ratio = row["median_b"] / row["median_a"] if row["median_a"] and pd.notna(row["median_a"]) else None
         rows.append({**{k: row[k] for k in KEYS}, "metric": row["metric"],
                      "a_median": row["median_a"], "a_min": row["min_a"], "a_max": row["max_a"],
-                     "b_median": row["median_b"], "b_min": row["min_b"], "b_max": row["max_b"],
+                     "a_status": row["status_a"], "b_median": row["median_b"], "b_min": row["min_b"],
+                     "b_max": row["max_b"], "b_status": row["status_b"],
                      "ratio": ratio, "verdict": verdict(row["metric"], sa, sb, min_change)})
     order = {m: i for i, m in enumerate(METRICS)}
-    frame = pd.DataFrame(rows, columns=[*KEYS, "metric", "a_median", "a_min", "a_max", "b_median", "b_min",
-                                        "b_max", "ratio", "verdict"])
+    frame = pd.DataFrame(rows, columns=[*KEYS, "metric", "a_median", "a_min", "a_max", "a_status", "b_median",
+                                        "b_min", "b_max", "b_status", "ratio", "verdict"])
     if frame.empty:
         return frame
     frame["_m"] = frame["metric"].map(order)
@@ -95,12 +105,14 @@ def _entry_order(run_dir: Path | str) -> list[str]:
     return load_run(run_dir).entry_order
 
 
-def _cell(median: float, low: float, high: float) -> str:
+def _cell(median: float, low: float, high: float, status: str | None = None) -> str:
+    """The figure, its spread when it has one, and the SLO search's status beside an SLO figure."""
+    status = f" {status}" if isinstance(status, str) and status else ""
     if pd.isna(median):
-        return "-"
+        return f"-{status}"
     if low == high:
-        return f"{median:,.2f}"
-    return f"{median:,.2f} [{low:,.2f}-{high:,.2f}]"
+        return f"{median:,.2f}{status}"
+    return f"{median:,.2f} [{low:,.2f}-{high:,.2f}]{status}"
 
 
 def print_comparison(frame: pd.DataFrame, run_a: str, run_b: str) -> None:
@@ -108,7 +120,7 @@ def print_comparison(frame: pd.DataFrame, run_a: str, run_b: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"A = {run_a}\nB = {run_b}", show_lines=False)
-    for column in ("device", "docs", "optimization", "metric", "A median [min-max]", "B median [min-max]",
+    for column in ("device", "docs", "optimization", "metric", "A [min-max]", "B [min-max]",
                    "B/A", "change"):
         table.add_column(column, justify="right" if column in ("docs", "B/A") else "left")
     styles = {"regression": "bold red", "gain": "bold green"}
@@ -116,7 +128,8 @@ def print_comparison(frame: pd.DataFrame, run_a: str, run_b: str) -> None:
         label = row["entry"] if row["scenario"] == "steady" else f"{row['entry']} ({row['scenario']})"
         table.add_row(
             str(row["device"]), str(row["list_size"]), label, METRICS[row["metric"]][0],
-            _cell(row["a_median"], row["a_min"], row["a_max"]), _cell(row["b_median"], row["b_min"], row["b_max"]),
+            _cell(row["a_median"], row["a_min"], row["a_max"], row["a_status"]),
+            _cell(row["b_median"], row["b_min"], row["b_max"], row["b_status"]),
             "-" if row["ratio"] is None or pd.isna(row["ratio"]) else f"{row['ratio']:.2f}x",
             f"[{styles[row['verdict']]}]{row['verdict']}[/]" if row["verdict"] else "",
         )
@@ -124,7 +137,8 @@ def print_comparison(frame: pd.DataFrame, run_a: str, run_b: str) -> None:
     console.print(table)
     counts = frame["verdict"].value_counts().to_dict() if not frame.empty else {}
     console.print(f"{counts.get('regression', 0)} regression(s), {counts.get('gain', 0)} gain(s) beyond the "
-                  "runs' own spread (trial min-max).")
+                  "runs' own spread (trial min-max; an SLO maximum's bracket). Latency percentiles are over all a "
+                  "row's samples; an SLO maximum is compared only when both are CONVERGED or LOWER-BOUND.")
 
 
 def main(argv: list[str] | None = None) -> int:

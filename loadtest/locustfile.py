@@ -15,8 +15,21 @@ artifacts/payloads/. Exact latencies (HDR histogram, microseconds) plus the serv
 cache flags are written as JSON to `RANKSERVE_RESULTS` when the test stops and when Locust quits; in
 distributed mode every worker sends its histogram in its stats report and the master merges them.
 
-Other knobs (environment): RANKSERVE_ZIPF_S (cache-mix skew, default 1.1), RANKSERVE_ZIPF_QUERIES
-(cache-mix query universe, default 100000), RANKSERVE_N_DOCS (list size for steady/ramp/spike, default:
+Every answer is an error (HTTP status, transport, a body that is not a ranking, a wrong number of
+results), a *degraded* answer (HTTP 200 with `degraded: true`: the service's fallback, every score
+null) or a success. A degraded answer is marked failed in Locust's own statistics ("degraded answer")
+and counted apart from errors in the results (`degraded`, `degraded_rate`; `failures` and
+`error_rate` are errors only); neither errors nor degraded answers enter the latency histograms, the
+docs count, the cache hit ratio or the server timings. Goodput: `good` counts the successes whose
+latency is within the objective `RANKSERVE_SLO_MS` (default 50 ms); `goodput_per_s` = good / duration_s,
+beside `rps`. `generator_cpu` is the load generator's own CPU use between test start and stop (cpu_s,
+wall_s, utilization = cpu_s / wall_s as a fraction of one core, processes): one process is one core,
+so a utilization near 1 means the generator, not the service, may be the bottleneck; in distributed
+mode the workers' cpu_s add up and the busiest worker's utilization is kept.
+
+Other knobs (environment): RANKSERVE_SLO_MS (goodput objective in ms, default 50), RANKSERVE_ZIPF_S
+(cache-mix skew, default 1.1), RANKSERVE_ZIPF_QUERIES (cache-mix query universe, default 100000),
+RANKSERVE_N_DOCS (list size for steady/ramp/spike, default:
 every size in the file), RANKSERVE_THINK_MS (closed-loop think time, default 0),
 RANKSERVE_UNIQUE_QUERIES (default 1: steady/ramp/spike/list-mix requests never hit a result cache),
 RANKSERVE_RUN_SALT (cache-mix: share one salt across distributed workers), RANKSERVE_RAMP_* and
@@ -29,6 +42,7 @@ otherwise), so this file imports locust first and nothing here imports torch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -39,13 +53,12 @@ from pathlib import Path
 from typing import Any
 
 import locust.stats  # before any torch or ray import: gevent monkey-patching
-import orjson
 from locust import FastHttpUser, LoadTestShape, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-from loadtest.latency import LatencyRecorder
 from loadtest.openloop import require_loopback
 from loadtest.payloads import NONCE_WIDTH, Payload, PayloadSet, ZipfSampler
+from loadtest.recorder import DEGRADED, AnswerRecorder, CpuClock, classify_answer, merge_cpu
 
 SCENARIOS = ("steady", "ramp", "spike", "cache-mix", "list-mix")
 SCENARIO = os.environ.get("RANKSERVE_SCENARIO", "").strip()
@@ -69,9 +82,13 @@ ZIPF_S = _env_float("RANKSERVE_ZIPF_S", 1.1)
 ZIPF_QUERIES = _env_int("RANKSERVE_ZIPF_QUERIES", 100_000)
 THINK_S = _env_float("RANKSERVE_THINK_MS", 0.0) / 1000.0
 UNIQUE_QUERIES = os.environ.get("RANKSERVE_UNIQUE_QUERIES", "1") not in ("0", "false", "no")
+SLO_MS = _env_float("RANKSERVE_SLO_MS", 50.0)  # goodput: a success within this latency is good
+if not (math.isfinite(SLO_MS) and SLO_MS > 0):
+    raise ValueError(f"RANKSERVE_SLO_MS must be a positive number of milliseconds, got {SLO_MS}")
 _NONCE_MOD = 10**NONCE_WIDTH
 if not 1 <= ZIPF_QUERIES <= 10**6:  # cache-mix query ids are salt * 10**6 + k
     raise ValueError(f"RANKSERVE_ZIPF_QUERIES must be in 1..1000000, got {ZIPF_QUERIES}")
+logger = logging.getLogger(__name__)
 
 
 def _bucket_3_significant(response_time: float) -> float:
@@ -92,97 +109,61 @@ locust.stats.bucket_response_time = _bucket_3_significant
 # Exact statistics of this process (or, on the master, of all workers merged)
 # ----------------------------------------------------------------------------------------------
 
-TIMING_KEYS = ("parse", "cache", "queue", "inference", "total")
+CPU = CpuClock()  # restarted at test start in each process that sends load (local runner, worker)
 
 
-class RunStats:
-    """What Locust does not keep: an HDR histogram of exact latencies, server timings, cache hits."""
+class RunStats(AnswerRecorder):
+    """The recorder both generators share (loadtest/recorder.py: exact latencies, errors and degraded
+    answers apart, goodput, server timings), plus what a Locust run adds: the wall-clock span of its
+    requests, the peak user count, and each load-sending process's CPU use."""
 
-    def __init__(self) -> None:
-        self.reset()
+    def __init__(self, slo_ms: float = SLO_MS) -> None:
+        super().__init__(slo_ms)
 
     def reset(self) -> None:
-        self.latency = LatencyRecorder()
-        self.by_name: dict[str, LatencyRecorder] = {}
-        self.requests = self.failures = self.successes = self.cache_hits = self.docs = 0
-        self.server_sum = dict.fromkeys(TIMING_KEYS, 0.0)
-        self.server_n = dict.fromkeys(TIMING_KEYS, 0)
+        super().reset()
         self.first_start: float | None = None  # wall clock, seconds
         self.last_end: float | None = None
         self.peak_users = 0
+        self.generator_cpu: dict[str, dict[str, float]] = {}  # process id -> its latest CpuClock.read()
+        self._slo_warned = False
 
-    def record_request(self, name: str, response_time_ms: float, failed: bool, n_docs: int) -> None:
+    def record_request(self, name: str, response_time_ms: float, n_docs: int, outcome: str | None,
+                       answer: dict[str, Any] | None) -> None:
+        """One request as Locust's request event reports it (see RankUser.rank for the outcome)."""
         now = time.time()
         start = now - response_time_ms / 1000.0
         self.first_start = start if self.first_start is None else min(self.first_start, start)
         self.last_end = now if self.last_end is None else max(self.last_end, now)
-        self.requests += 1
-        if failed:
-            self.failures += 1
-            return
-        self.successes += 1
-        self.docs += n_docs
-        self.latency.record(response_time_ms)
-        self.by_name.setdefault(name, LatencyRecorder()).record(response_time_ms)
+        self.record(outcome, response_time_ms, n_docs, answer, name=name)
 
-    def record_server(self, timings: dict[str, Any], cached: bool) -> None:
-        self.cache_hits += int(bool(cached))
-        for k in TIMING_KEYS:
-            v = timings.get(k)
-            if isinstance(v, int | float):
-                self.server_sum[k] += float(v)
-                self.server_n[k] += 1
+    def record_generator_cpu(self, process_id: str, figures: dict[str, float]) -> None:
+        """A process's cumulative CPU figures since test start: the latest report replaces the earlier."""
+        self.generator_cpu[process_id] = {k: float(figures[k]) for k in ("cpu_s", "wall_s", "utilization")}
 
     def to_wire(self) -> dict[str, Any]:
-        """msgpack-safe form for a worker's report to the master."""
-        return {
-            "latency": self.latency.to_dict(),
-            "by_name": {k: v.to_dict() for k, v in self.by_name.items()},
-            "counts": [self.requests, self.failures, self.successes, self.cache_hits, self.docs],
-            "server_sum": self.server_sum,
-            "server_n": self.server_n,
-            "span": [self.first_start, self.last_end],
-        }
+        """For a worker's report to the master (counts are deltas since the last one)."""
+        return {**super().to_wire(), "span": [self.first_start, self.last_end], "generator_cpu": self.generator_cpu}
 
     def merge_wire(self, data: dict[str, Any]) -> None:
-        self.latency.merge(LatencyRecorder.from_dict(data["latency"]))
-        for k, v in data["by_name"].items():
-            self.by_name.setdefault(k, LatencyRecorder()).merge(LatencyRecorder.from_dict(v))
-        r, f, s, h, d = data["counts"]
-        self.requests += r
-        self.failures += f
-        self.successes += s
-        self.cache_hits += h
-        self.docs += d
-        for k in TIMING_KEYS:
-            self.server_sum[k] += data["server_sum"].get(k, 0.0)
-            self.server_n[k] += data["server_n"].get(k, 0)
+        super().merge_wire(data)
+        if data["slo_ms"] != self.slo_ms and not self._slo_warned:
+            self._slo_warned = True
+            logger.warning("a worker counts goodput with RANKSERVE_SLO_MS=%s, the master writes %s: give every "
+                           "process the same environment", data["slo_ms"], self.slo_ms)  # fmt: skip
         first, last = data["span"]
         if first is not None:
             self.first_start = first if self.first_start is None else min(self.first_start, first)
         if last is not None:
             self.last_end = last if self.last_end is None else max(self.last_end, last)
+        for pid, figures in data["generator_cpu"].items():
+            self.record_generator_cpu(pid, figures)
 
-    def summary(self) -> dict[str, Any]:
+    def run_summary(self) -> dict[str, Any]:
         duration = (self.last_end - self.first_start) if self.first_start is not None else 0.0
-        return {
-            "requests": self.requests,
-            "failures": self.failures,
-            "error_rate": self.failures / self.requests if self.requests else 0.0,
-            "duration_s": duration,
-            "rps": self.requests / duration if duration > 0 else 0.0,
-            "docs": self.docs,
-            "docs_per_s": self.docs / duration if duration > 0 else 0.0,
-            "latency_ms": self.latency.percentiles(),
-            "latency_hdr": self.latency.to_dict(),
-            "latency_by_name_ms": {k: v.percentiles() for k, v in sorted(self.by_name.items())},
-            "cache_hits": self.cache_hits,
-            "cache_hit_ratio": self.cache_hits / self.successes if self.successes else 0.0,
-            "server_timings_ms": {
-                k: self.server_sum[k] / self.server_n[k] for k in TIMING_KEYS if self.server_n[k]
-            },
-            "peak_users": self.peak_users,
-        }
+        return {**self.summary(duration),
+                "generator_cpu": merge_cpu([{**f, "processes": 1} for f in self.generator_cpu.values()]),
+                "peak_users": self.peak_users}
 
 
 STATS = RunStats()
@@ -257,24 +238,16 @@ class RankUser(FastHttpUser):
     connection_timeout = 10.0
 
     def rank(self, payload: Payload, body: bytes) -> None:
+        """An error, a degraded answer (failed in Locust's table, counted apart in ours) or a success."""
         name = f"/rank [{payload.n_docs} docs]"
         headers = {"Content-Type": payload.content_type}
-        with self.client.post(
-            "/rank", data=body, headers=headers, name=name, catch_response=True, context={"n_docs": payload.n_docs}
-        ) as resp:
-            if resp.status_code != 200:
-                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
-                return
-            try:
-                data = orjson.loads(resp.content)
-                results, timings = data["results"], data.get("timings_ms") or {}
-            except (orjson.JSONDecodeError, KeyError, TypeError) as e:
-                resp.failure(f"response is not a ranking: {e}")
-                return
-            if len(results) != payload.n_docs:
-                resp.failure(f"{len(results)} results for {payload.n_docs} documents")
-                return
-            STATS.record_server(timings, bool(data.get("cached")))
+        with self.client.post("/rank", data=body, headers=headers, name=name, catch_response=True,
+                              context={"n_docs": payload.n_docs}) as resp:
+            reason, answer = classify_answer(resp.status_code, resp.content or b"", payload.n_docs)
+            context = resp.request_meta["context"]  # Locust's copy: what our request hook receives
+            context["outcome"], context["answer"] = reason, answer
+            if reason is not None:
+                resp.failure(reason if reason == DEGRADED else f"{reason}: {(resp.text or '')[:200]}")
 
 
 class SteadyUser(RankUser):
@@ -384,12 +357,18 @@ def _on_test_start(environment: Any, **_kw: Any) -> None:
     if environment.host:
         require_loopback(environment.host)
     STATS.reset()
+    if not isinstance(environment.runner, MasterRunner):  # this process sends load
+        CPU.start()
 
 
 @events.request.add_listener
 def _on_request(name: str, response_time: float, exception: Any, context: dict | None = None, **_kw: Any) -> None:
-    n_docs = int((context or {}).get("n_docs", 0))
-    STATS.record_request(name, float(response_time), exception is not None, n_docs)
+    context = context or {}
+    outcome = context.get("outcome")
+    if exception is not None and outcome is None:  # transport errors never reached RankUser's check
+        outcome = type(exception).__name__
+    STATS.record_request(name, float(response_time), int(context.get("n_docs", 0)), outcome,
+                         context.get("answer"))
 
 
 @events.spawning_complete.add_listener
@@ -398,8 +377,12 @@ def _on_spawning_complete(user_count: int, **_kw: Any) -> None:
 
 
 @events.report_to_master.add_listener
-def _on_report_to_master(data: dict, **_kw: Any) -> None:
-    """Worker side: send what was recorded since the last report (a delta), then start afresh."""
+def _on_report_to_master(client_id: str, data: dict, **_kw: Any) -> None:
+    """Worker side: send what was recorded since the last report (a delta) and this process's CPU use
+    since test start (cumulative: the master keeps each worker's latest), then start afresh."""
+    cpu = CPU.read()
+    if cpu is not None:
+        STATS.record_generator_cpu(client_id, cpu)
     data["rankserve"] = STATS.to_wire()
     peak = STATS.peak_users
     STATS.reset()
@@ -417,6 +400,9 @@ def write_results(environment: Any) -> Path | None:
     out = os.environ.get("RANKSERVE_RESULTS")
     if not out or isinstance(environment.runner, WorkerRunner):
         return None
+    cpu = CPU.read()
+    if cpu is not None and not isinstance(environment.runner, MasterRunner):
+        STATS.record_generator_cpu("local", cpu)  # the local runner is the one generator process
     ps = Workload.payload_set
     user_classes = sorted(u.__name__ for u in (environment.user_classes or []))
     total = environment.stats.total
@@ -430,10 +416,10 @@ def write_results(environment: Any) -> Path | None:
         "zipf_s": ZIPF_S if SCENARIO == "cache-mix" or "CacheMixUser" in user_classes else None,
         "unique_queries": UNIQUE_QUERIES,
         "cpu_affinity": sorted(os.sched_getaffinity(0)),
-        **STATS.summary(),
+        **STATS.run_summary(),
         "locust": {  # Locust's own (3-significant-digit) view, for cross-checking
             "requests": total.num_requests,
-            "failures": total.num_failures,
+            "failures": total.num_failures,  # errors + degraded answers
             "p50_ms": total.get_response_time_percentile(0.5),
             "p99_ms": total.get_response_time_percentile(0.99),
         },
@@ -448,6 +434,7 @@ def write_results(environment: Any) -> Path | None:
 
 @events.test_stop.add_listener
 def _on_test_stop(environment: Any, **_kw: Any) -> None:
+    CPU.stop()  # the window ends here; later reports and writes give the same figures
     write_results(environment)
 
 

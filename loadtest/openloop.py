@@ -4,38 +4,55 @@ Locust is closed-loop: a slow answer delays the next request, so the generator b
 when the service struggles and the percentiles hide it (coordinated omission). Here arrivals follow
 a fixed schedule (deterministic for a seed) whatever the service does, and latency is measured from
 each request's *scheduled* send time (corrected); the figures from the actual send time are reported
-beside them (uncorrected), with the number of sends that left more than `late_ms` after schedule.
+beside them (uncorrected).
 
-In-flight requests are bounded (`max_in_flight`, default 256, one aiohttp connection each): an
-arrival that finds every slot busy waits for one and is counted in `waited_for_slot` (and, when that
-makes it late, in `late_sends`; its corrected latency includes the wait). The run is bounded by the
-schedule's duration and count, a per-request timeout and a drain timeout; loopback hosts only.
+The generator must be faster than any service it measures, or its figures describe itself: requests
+are prepared as bytes before the run and sent over keep-alive connections on uvloop, answers parsed
+by httptools (loadtest/http_client.py); the self-test (`--self-test`, loadtest/selftest.py) measures
+its capacity on this machine. Every trial says whether it kept its schedule: a send that left more
+than `late_ms` after its scheduled time *while a connection was free* is the generator's own
+lateness (`late_sends`); more than `GENERATOR_BOUND_LATE_FRACTION` of them marks the trial
+`generator_bound`, and its figures are never the service's limit. An arrival that found every one
+of `max_connections` busy waits for one (`waited_for_slot`): that is the service's backlog, and the
+wait is part of its corrected latency.
 
-Command line (also what loadtest/runner.py runs in a subprocess):
-    python loadtest/openloop.py --host http://127.0.0.1:8000 --payloads FILE --rate 200 --duration 10 --out r.json
+Connections are opened before the run, sized from rate x expected latency, and more on demand.
+`processes` > 1 splits the rate over that many processes (a superposition of Poisson processes is
+Poisson), each pinned to one of `cpus`, starting on one shared clock; their histograms merge.
+A trial is bounded by count or duration, a per-request timeout and a drain timeout; loopback only.
+
+    python loadtest/openloop.py --host http://127.0.0.1:8000 --payloads FILE --rate 200 --duration 10
+    python loadtest/openloop.py --host http://127.0.0.1:8000 --payloads FILE --rate 2000 --count 5000
+    python loadtest/openloop.py --self-test          # the generator's capacity on this machine
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import math
+import multiprocessing
 import os
+import sys
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-import orjson
 
-from loadtest.latency import LatencyRecorder
 from loadtest.payloads import PayloadSet, ZipfSampler
+from loadtest.recorder import AnswerRecorder, CpuClock, merge_cpu
 
-TIMING_KEYS = ("parse", "cache", "queue", "inference", "total")
 START_LEAD_S = 0.05  # the first arrival is scheduled this long after setup, so it is not born late
+PROCESS_START_LEAD_S = 1.0  # the same for a multi-process trial: children fork, connect, then start
+SLEEP_AHEAD_S = 0.0015  # sleep (millisecond timers) until this close to a send, then poll the loop
+GENERATOR_BOUND_LATE_FRACTION = 0.01  # more own-late sends than this: the trial measured the generator
+EXPIRE_EVERY_S = 0.1
 
 
 def require_loopback(url: str) -> str:
@@ -55,17 +72,22 @@ def require_loopback(url: str) -> str:
 
 
 def poisson_schedule(
-    rate_per_s: float, duration_s: float, seed: int = 0, max_requests: int | None = None
+    rate_per_s: float, duration_s: float | None, seed: int | Sequence[int] = 0, max_requests: int | None = None
 ) -> np.ndarray:
     """Send times (seconds from start) of a Poisson process: exponential gaps of mean 1/rate.
 
-    Deterministic for a seed; bounded by `duration_s` (times < duration) and `max_requests`.
+    Deterministic for a seed. Bounded by `duration_s` (times < duration) and `max_requests`; with
+    `duration_s=None` it is count-based: exactly `max_requests` arrivals.
     """
     if not (rate_per_s > 0 and math.isfinite(rate_per_s)):
         raise ValueError(f"rate_per_s must be a positive number, got {rate_per_s}")
+    rng = np.random.default_rng(seed)
+    if duration_s is None:
+        if not max_requests or max_requests < 1:
+            raise ValueError(f"a count-based schedule needs max_requests >= 1, got {max_requests}")
+        return np.cumsum(rng.exponential(1.0 / rate_per_s, size=max_requests))
     if not (duration_s > 0 and math.isfinite(duration_s)):
         raise ValueError(f"duration_s must be a positive number, got {duration_s}")
-    rng = np.random.default_rng(seed)
     expected = rate_per_s * duration_s
     n = int(expected + 10 * math.sqrt(expected) + 10)  # P(more arrivals than this) is negligible
     if max_requests is not None:
@@ -74,227 +96,299 @@ def poisson_schedule(
     return times[times < duration_s]
 
 
-class _Recorder:
-    """Everything measured during one open-loop run."""
+@dataclass
+class OpenLoopConfig:
+    """One open-loop trial: where, how fast, how long, and how the generator runs."""
 
-    def __init__(self) -> None:
-        self.corrected = LatencyRecorder()
-        self.uncorrected = LatencyRecorder()
-        self.sent = self.completed = self.failures = self.late = self.waited = 0
-        self.cache_hits = self.docs = 0
-        self.send_times: list[float] = []
-        self.max_lag_ms = 0.0
-        self.server_sum = dict.fromkeys(TIMING_KEYS, 0.0)
-        self.server_n = dict.fromkeys(TIMING_KEYS, 0)
-        self.errors: dict[str, int] = {}
-        self.last_end = 0.0
+    host: str
+    rate_per_s: float
+    duration_s: float | None = None  # time-bound: arrivals before this many seconds
+    count: int | None = None  # count-based: exactly this many arrivals (duration_s None)
+    seed: int = 0
+    max_connections: int = 256
+    expected_latency_ms: float = 5.0  # sizes the connections opened before the run
+    late_ms: float = 1.0
+    request_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    unique_queries: bool = True
+    zipf_s: float | None = None
+    zipf_queries: int = 100_000
+    slo_ms: float | None = None  # goodput counts good answers within it
+    processes: int = 1
+    cpus: list[int] = field(default_factory=list)  # pin process k to cpus[k % len(cpus)]
 
-    def fail(self, reason: str) -> None:
-        self.failures += 1
-        self.errors[reason] = self.errors.get(reason, 0) + 1
+    def __post_init__(self) -> None:
+        require_loopback(self.host)
+        if self.duration_s is None and not self.count:
+            raise ValueError("an open-loop trial needs duration_s or count")
+        if self.processes < 1:
+            raise ValueError(f"processes must be >= 1, got {self.processes}")
+
+    def share(self, k: int) -> tuple[np.ndarray, int | Sequence[int]]:
+        """Process k's arrivals (rate / processes each) and the seed they came from."""
+        n = self.processes
+        seed: int | Sequence[int] = self.seed if n == 1 else (self.seed, k)
+        count = None if self.count is None else self.count // n + (k < self.count % n)
+        if count == 0:
+            return np.empty(0), seed
+        return poisson_schedule(self.rate_per_s / n, self.duration_s, seed, count), seed
 
 
-async def _run(
-    host: str,
-    payloads: PayloadSet,
-    schedule: np.ndarray,
-    *,
-    seed: int,
-    max_in_flight: int,
-    late_ms: float,
-    request_timeout_s: float,
-    drain_timeout_s: float,
-    unique_queries: bool,
-    zipf_s: float | None = None,
-    zipf_queries: int = 100_000,
-) -> tuple[_Recorder, float]:
-    import aiohttp  # here, not at import: the locustfile imports require_loopback from this module
+@dataclass
+class _ShareResult:
+    """What one generator process sends back to be merged."""
 
-    rec = _Recorder()
+    wire: dict[str, Any]
+    scheduled: int
+    last_offset_s: float
+    sent: int
+    late: int
+    late_after_wait: int
+    waited: int
+    max_lag_ms: float
+    start: float
+    first_send: float
+    last_send: float
+    last_end: float
+    connections: int
+    cpu: dict[str, float]
+    cpu_affinity: list[int]
+
+
+def _requests_of(payloads: PayloadSet, cfg: OpenLoopConfig, seed: Any, n: int, nonce_base: int, k: int):
+    """Per arrival: which prepared request, and which nonce (None: the payload's own query id)."""
     order = np.random.default_rng(seed).permutation(len(payloads))
-    nonce_base = int(np.random.default_rng().integers(10**11))  # fresh query ids on every run
-    # Repeat traffic for a cache: request i asks for virtual query k_i, drawn with Zipf popularity,
-    # as the locustfile's CacheMixUser does (payload k mod n, with query id nonce_base + k).
-    popular = ZipfSampler(zipf_queries, zipf_s, seed=seed).sample_many(len(schedule)) if zipf_s else None
+    if cfg.zipf_s:
+        # Repeat traffic for a cache: arrival i asks for virtual query q_i with Zipf popularity,
+        # as the locustfile's CacheMixUser does (payload q mod n, query id nonce_base + q).
+        popular = ZipfSampler(cfg.zipf_queries, cfg.zipf_s, seed=seed).sample_many(n)
+        return (popular % len(payloads)).tolist(), (nonce_base + popular).tolist()
+    index = order[np.arange(n) % len(order)].tolist()
+    if not cfg.unique_queries:
+        return index, [None] * n
+    return index, (nonce_base + k * 10**9 + np.arange(n)).tolist()
+
+
+async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | None, nonce_base: int) -> _ShareResult:
+    """One process's share of the trial, on the running event loop."""
+    from loadtest.http_client import ConnectionPool, PreparedRequest, clock
+
+    times, seed = cfg.share(k)
+    parts = urlsplit(cfg.host if "://" in cfg.host else f"http://{cfg.host}")
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    prepared = [PreparedRequest(p, host, port) for p in payloads.payloads]
+    which, nonces = _requests_of(payloads, cfg, seed, len(times), nonce_base, k)
+    rec = AnswerRecorder(cfg.slo_ms, open_loop=True)
+    last_end = [0.0]
+
+    def on_answer(conn: Any, status: int, body: bytes, error: str | None) -> None:
+        end = clock()
+        if error is not None:
+            rec.error(error)
+            return
+        rec.answer(status, body, conn.n_docs, (end - conn.scheduled) * 1000.0, (end - conn.sent_at) * 1000.0)
+        last_end[0] = end
+
+    pool = ConnectionPool(host, port, on_answer, max_connections=cfg.max_connections, late_s=cfg.late_ms / 1000.0,
+                          request_timeout_s=cfg.request_timeout_s)
+    rate = cfg.rate_per_s / cfg.processes
+    await pool.open(max(2, math.ceil(rate * cfg.expected_latency_ms / 1000.0 * 2) + 2))
     loop = asyncio.get_running_loop()
-    slots = asyncio.Semaphore(max_in_flight)
-    connector = aiohttp.TCPConnector(limit=max_in_flight, limit_per_host=max_in_flight, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=request_timeout_s)
-    url = host.rstrip("/") + "/rank"
 
-    async def one(i: int, scheduled: float, session: aiohttp.ClientSession) -> None:
-        if popular is not None:
-            k = int(popular[i])
-            p = payloads.payloads[k % len(payloads)]
-            body = p.with_nonce(nonce_base + k)
-        else:
-            p = payloads.payloads[order[i % len(order)]]
-            body = p.with_nonce(nonce_base + i) if unique_queries else p.body
-        answered = False
-        try:
-            start = loop.time()
-            rec.sent += 1
-            rec.send_times.append(start)
-            lag_ms = (start - scheduled) * 1000.0
-            rec.max_lag_ms = max(rec.max_lag_ms, lag_ms)
-            rec.late += lag_ms > late_ms
-            async with session.post(url, data=body, headers={"Content-Type": p.content_type}) as resp:
-                raw = await resp.read()
-                status = resp.status
-            end = loop.time()
-            answered = True
-            rec.completed += 1
-            rec.last_end = max(rec.last_end, end)
-            if status != 200:
-                rec.fail(f"HTTP {status}")
-                return
-            data = orjson.loads(raw)
-            if len(data["results"]) != p.n_docs:
-                rec.fail("wrong number of results")
-                return
-            rec.corrected.record((end - scheduled) * 1000.0)
-            rec.uncorrected.record((end - start) * 1000.0)
-            rec.docs += p.n_docs
-            rec.cache_hits += bool(data.get("cached"))
-            for k, v in (data.get("timings_ms") or {}).items():
-                if k in rec.server_sum and isinstance(v, int | float):
-                    rec.server_sum[k] += float(v)
-                    rec.server_n[k] += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError, KeyError, TypeError) as e:
-            rec.completed += 0 if answered else 1
-            rec.fail(type(e).__name__)
-        finally:
-            slots.release()
+    def expire() -> None:
+        pool.expire(clock())
+        timer[0] = loop.call_later(EXPIRE_EVERY_S, expire)
 
-    tasks: set[asyncio.Task] = set()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        t0 = loop.time() + START_LEAD_S
-        for i, offset in enumerate(schedule):
-            target = t0 + float(offset)
-            delay = target - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if slots.locked():
-                rec.waited += 1
-            await slots.acquire()
-            task = asyncio.create_task(one(i, target, session))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=drain_timeout_s)
-            for task in pending:  # bounded: whatever has not answered by now is a failure
-                task.cancel()
-                rec.completed += 1
-                rec.fail("drain timeout")
-            if pending:
-                await asyncio.wait(pending, timeout=5)
-    return rec, t0
-
-
-def run_schedule(
-    host: str,
-    payloads: PayloadSet,
-    rate_per_s: float,
-    duration_s: float,
-    *,
-    seed: int = 0,
-    max_requests: int | None = None,
-    max_in_flight: int = 256,
-    late_ms: float = 1.0,
-    request_timeout_s: float = 30.0,
-    drain_timeout_s: float = 30.0,
-    unique_queries: bool = True,
-    zipf_s: float | None = None,
-) -> dict[str, Any]:
-    """Run one open-loop trial in this process (asyncio) and return its summary as a dict."""
-    require_loopback(host)
-    schedule = poisson_schedule(rate_per_s, duration_s, seed, max_requests)
-    rec, t0 = asyncio.run(
-        _run(
-            host,
-            payloads,
-            schedule,
-            seed=seed,
-            max_in_flight=max_in_flight,
-            late_ms=late_ms,
-            request_timeout_s=request_timeout_s,
-            drain_timeout_s=drain_timeout_s,
-            unique_queries=unique_queries,
-            zipf_s=zipf_s,
-        )
+    timer = [loop.call_later(EXPIRE_EVERY_S, expire)]
+    start = clock() + START_LEAD_S if t0 is None else t0
+    cpu = CpuClock()
+    sleep = asyncio.sleep
+    for i, offset in enumerate(times.tolist()):
+        target = start + offset
+        now = clock()
+        while now < target:
+            ahead = target - now
+            await sleep(ahead - SLEEP_AHEAD_S if ahead > 2 * SLEEP_AHEAD_S else 0)
+            now = clock()
+        req = prepared[which[i]]
+        pool.submit(req.parts(nonces[i]), target, req.n_docs, i)
+    deadline = clock() + cfg.drain_timeout_s
+    while pool.in_flight and clock() < deadline:
+        await sleep(0.001)
+    timer[0].cancel()
+    pool.request_timeout_s = 0.0
+    pool.expire(math.inf)  # bounded: whatever has not answered by now is a failure ("timeout")
+    pool.close()
+    await sleep(0)
+    return _ShareResult(
+        wire=rec.to_wire(), scheduled=len(times), last_offset_s=float(times[-1]) if len(times) else 0.0,
+        sent=pool.n_sent, late=pool.late, late_after_wait=pool.late_after_wait, waited=pool.waited,
+        max_lag_ms=pool.max_lag_s * 1000.0, start=start, first_send=pool.first_send, last_send=pool.last_send,
+        last_end=max(last_end[0], start), connections=pool.connections_opened, cpu=cpu.read(),
+        cpu_affinity=sorted(os.sched_getaffinity(0)),
     )
-    # achieved rate: answered requests over the arrival window, or until the last answer if later
-    duration = max(rec.last_end - t0, duration_s)
-    sends = np.sort(np.asarray(rec.send_times))
-    gaps = np.diff(sends)
-    successes = rec.completed - rec.failures
-    return {
+
+
+def _run_share(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | None, nonce_base: int) -> _ShareResult:
+    import uvloop
+
+    if cfg.cpus and cfg.processes > 1:
+        os.sched_setaffinity(0, {cfg.cpus[k % len(cfg.cpus)]})
+    return uvloop.run(_drive(cfg, payloads, k, t0, nonce_base))
+
+
+def _child(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float, nonce_base: int, conn: Any) -> None:
+    try:
+        conn.send(("ok", _run_share(cfg, payloads, k, t0, nonce_base)))
+    except BaseException as error:  # noqa: BLE001 - report any failure to the parent
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        conn.close()
+
+
+def _run_processes(cfg: OpenLoopConfig, payloads: PayloadSet, nonce_base: int) -> list[_ShareResult]:
+    """Fork one generator process per share; all start on one shared monotonic clock."""
+    from loadtest.http_client import clock
+
+    ctx = multiprocessing.get_context("fork")
+    t0 = clock() + PROCESS_START_LEAD_S
+    children = []
+    for k in range(cfg.processes):
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(cfg, payloads, k, t0, nonce_base, child_end), daemon=True)
+        proc.start()
+        child_end.close()
+        children.append((proc, parent_end))
+    budget = PROCESS_START_LEAD_S + _expected_length_s(cfg) + cfg.drain_timeout_s + 30.0
+    results: list[_ShareResult] = []
+    errors: list[str] = []
+    for proc, pipe in children:
+        if pipe.poll(budget):
+            status, value = pipe.recv()
+            (results if status == "ok" else errors).append(value)
+        else:
+            errors.append("a generator process sent no result in time")
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+    if errors:
+        raise RuntimeError("open-loop generator process failed: " + "; ".join(errors))
+    return results
+
+
+def _expected_length_s(cfg: OpenLoopConfig) -> float:
+    return cfg.duration_s if cfg.duration_s is not None else 1.5 * (cfg.count or 0) / cfg.rate_per_s + 5.0
+
+
+def run_trial(cfg: OpenLoopConfig, payloads: PayloadSet) -> dict[str, Any]:
+    """Run one open-loop trial and return its summary (the trial file's contents)."""
+    nonce_base = int(np.random.default_rng().integers(10**11))  # fresh query ids on every run
+    if cfg.processes == 1:
+        shares = [_run_share(cfg, payloads, 0, None, nonce_base)]
+    else:
+        shares = _run_processes(cfg, payloads, nonce_base)
+    return summarize(cfg, payloads, shares)
+
+
+def summarize(cfg: OpenLoopConfig, payloads: PayloadSet, shares: list[_ShareResult]) -> dict[str, Any]:
+    rec = AnswerRecorder(cfg.slo_ms, open_loop=True)
+    for share in shares:
+        rec.merge_wire(share.wire)
+    scheduled = sum(s.scheduled for s in shares)
+    sent = sum(s.sent for s in shares)
+    late = sum(s.late for s in shares)
+    first = min((s.first_send for s in shares if s.sent), default=0.0)
+    last = max((s.last_send for s in shares if s.sent), default=0.0)
+    start = min(s.start for s in shares)
+    # The schedule's own length: the trial's duration when time-bound, else its last arrival.
+    scheduled_duration = cfg.duration_s if cfg.duration_s is not None else max(s.last_offset_s for s in shares)
+    window = max(max((s.last_end for s in shares), default=0.0) - start, scheduled_duration or 0.0, 1e-9)
+    own_late_fraction = late / sent if sent else 0.0
+    out = rec.summary(window)
+    out.update({
         "mode": "open-loop",
-        "host": host,
-        "target_rate_per_s": rate_per_s,
-        "scheduled_duration_s": duration_s,
-        "seed": seed,
-        "scheduled": int(len(schedule)),
-        "sent": rec.sent,
-        "requests": rec.completed,
-        "failures": rec.failures,
-        "errors": rec.errors,
-        "error_rate": rec.failures / rec.completed if rec.completed else 0.0,
-        "duration_s": duration,
-        "rps": rec.completed / duration,
-        "send_rate_per_s": (len(sends) - 1) / float(sends[-1] - sends[0]) if len(sends) > 1 else 0.0,
-        "mean_interarrival_ms": float(gaps.mean() * 1000.0) if len(gaps) else 0.0,
-        "late_sends": rec.late,
-        "late_threshold_ms": late_ms,
-        "max_send_lag_ms": rec.max_lag_ms,
-        "waited_for_slot": rec.waited,
-        "max_in_flight": max_in_flight,
-        "docs": rec.docs,
-        "docs_per_s": rec.docs / duration,
-        "latency_ms": rec.corrected.percentiles(),
-        "uncorrected_latency_ms": rec.uncorrected.percentiles(),
-        "latency_hdr": rec.corrected.to_dict(),
-        "cache_hits": rec.cache_hits,
-        "cache_hit_ratio": rec.cache_hits / successes if successes else 0.0,
-        "server_timings_ms": {k: rec.server_sum[k] / rec.server_n[k] for k in TIMING_KEYS if rec.server_n[k]},
+        "generator": "rankserve open loop (uvloop + httptools)",
+        "host": cfg.host,
+        "target_rate_per_s": cfg.rate_per_s,
+        "offered_rate_per_s": scheduled / scheduled_duration if scheduled_duration else 0.0,
+        "achieved_rate_per_s": out["rps"],
+        "scheduled_duration_s": scheduled_duration,
+        "count_based": cfg.duration_s is None,
+        "seed": cfg.seed,
+        "scheduled": scheduled,
+        "sent": sent,
+        "send_rate_per_s": (sent - 1) / (last - first) if sent > 1 and last > first else 0.0,
+        "mean_interarrival_ms": (last - first) * 1000.0 / (sent - 1) if sent > 1 else 0.0,
+        "late_sends": late,
+        "late_fraction": own_late_fraction,
+        "late_after_wait": sum(s.late_after_wait for s in shares),
+        "late_threshold_ms": cfg.late_ms,
+        "max_send_lag_ms": max((s.max_lag_ms for s in shares), default=0.0),
+        "waited_for_slot": sum(s.waited for s in shares),
+        "max_in_flight": cfg.max_connections,
+        "connections_opened": sum(s.connections for s in shares),
+        "generator_bound": own_late_fraction > GENERATOR_BOUND_LATE_FRACTION,
+        "generator_cpu": merge_cpu([s.cpu for s in shares]),
+        "processes": cfg.processes,
         "encoding": payloads.encoding,
         "sizes": payloads.sizes,
-        "unique_queries": unique_queries,
-        "zipf_s": zipf_s,
-        "cpu_affinity": sorted(os.sched_getaffinity(0)),
-    }
+        "unique_queries": cfg.unique_queries,
+        "zipf_s": cfg.zipf_s,
+        "cpu_affinity": sorted({c for s in shares for c in s.cpu_affinity}),
+    })
+    return out
+
+
+def run_schedule(host: str, payloads: PayloadSet, rate_per_s: float, duration_s: float | None, *,
+                 seed: int = 0, max_requests: int | None = None, max_in_flight: int = 256, **options: Any
+                 ) -> dict[str, Any]:
+    """Run one open-loop trial in this process: time-bound, count-based (`duration_s=None`), or both."""
+    cfg = OpenLoopConfig(host=host, rate_per_s=rate_per_s, duration_s=duration_s, seed=seed,
+                         count=max_requests, max_connections=max_in_flight, **options)
+    return run_trial(cfg, payloads)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Open-loop (Poisson) load on POST /rank, MLPerf Server-style.")
+    ap.add_argument("--self-test", action="store_true",
+                    help="measure the generator's own capacity against a trivial loopback responder "
+                         "(loadtest/selftest.py; writes results/loadgen/)")
     ap.add_argument("--host", default="http://127.0.0.1:8000")
-    ap.add_argument("--payloads", required=True, help="payload file from loadtest/payloads.py")
-    ap.add_argument("--rate", type=float, required=True, help="target arrivals per second")
-    ap.add_argument("--duration", type=float, required=True, help="seconds of arrivals")
+    ap.add_argument("--payloads", help="payload file from loadtest/payloads.py")
+    ap.add_argument("--rate", type=float, help="target arrivals per second")
+    ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals (time-bound trial)")
+    ap.add_argument("--count", type=int, default=None, help="exactly this many arrivals (count-based trial)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-requests", type=int, default=None)
-    ap.add_argument("--max-in-flight", type=int, default=256)
+    ap.add_argument("--max-in-flight", type=int, default=256, help="most connections (= requests in flight)")
+    ap.add_argument("--expected-latency-ms", type=float, default=5.0,
+                    help="sizes the connections opened before the run (rate x latency x 2)")
     ap.add_argument("--late-ms", type=float, default=1.0)
     ap.add_argument("--request-timeout", type=float, default=30.0)
+    ap.add_argument("--slo-ms", type=float, default=None, help="goodput counts good answers within this latency")
+    ap.add_argument("--processes", type=int, default=1, help="generator processes (one core each)")
+    ap.add_argument("--cpus", default="", help="comma-separated cores for the generator processes")
     ap.add_argument("--reuse-queries", action="store_true", help="send the payloads' own query ids (cache hits)")
     ap.add_argument("--zipf-s", type=float, default=None,
                     help="draw queries with Zipf(s) popularity (repeat traffic for a cache), as cache-mix does")
     ap.add_argument("--out", help="write the result JSON here (default: print it)")
+    ap.add_argument("--seconds-per-step", type=float, default=3.0, help="--self-test: length of each rate step")
     args = ap.parse_args(argv)
-    result = run_schedule(
-        args.host,
-        PayloadSet.load(args.payloads),
-        args.rate,
-        args.duration,
-        seed=args.seed,
-        max_requests=args.max_requests,
-        max_in_flight=args.max_in_flight,
-        late_ms=args.late_ms,
-        request_timeout_s=args.request_timeout,
-        drain_timeout_s=args.request_timeout,
-        unique_queries=not args.reuse_queries,
-        zipf_s=args.zipf_s,
-    )
+    if args.self_test:
+        from loadtest import selftest
+
+        selftest.main(seconds_per_step=args.seconds_per_step)
+        return
+    if not args.payloads or not args.rate or (args.duration is None and args.count is None):
+        ap.error("--payloads, --rate and one of --duration or --count are needed (or --self-test)")
+    cfg = OpenLoopConfig(
+        host=args.host, rate_per_s=args.rate, duration_s=args.duration,
+        count=args.count, seed=args.seed, max_connections=args.max_in_flight,
+        expected_latency_ms=args.expected_latency_ms, late_ms=args.late_ms, request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.request_timeout, unique_queries=not args.reuse_queries, zipf_s=args.zipf_s,
+        slo_ms=args.slo_ms, processes=args.processes, cpus=[int(c) for c in args.cpus.split(",") if c.strip()],
+    )  # fmt: skip
+    result = run_trial(cfg, PayloadSet.load(args.payloads))
+    result["config"] = asdict(cfg)
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -304,4 +398,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(KeyboardInterrupt):
+        main(sys.argv[1:])

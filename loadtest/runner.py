@@ -1,4 +1,4 @@
-"""What the sweep calls: one load-test trial in, one `TrialResult` out.
+"""What the sweep calls: one load-test trial in, one `TrialRecord` out; and the SLO search.
 
 Both generators run in a subprocess of their own: Locust needs gevent's monkey-patching before any
 other import (and must not share a process with torch or ray), the open-loop generator wants an
@@ -8,7 +8,10 @@ fight for the same cores. Each trial leaves its raw JSON (and Locust's CSV and l
 
     run_closed_loop(host, payloads_path, users, duration_s, scenario, out_dir)   # Locust, headless
     run_open_loop(host, payloads, rate_per_s, duration_s)                        # Poisson arrivals
-    max_throughput_under_slo(host, payloads, slo_p99_ms=50)                      # VALID / INVALID
+    max_throughput_under_slo(host, payloads, slo_p99_ms=50)                      # an SloResult
+
+The search's statuses (CONVERGED, LOWER-BOUND, GENERATOR-BOUND, INVALID) are defined in
+loadtest/records.py and described in docs/loadtest.md.
 """
 
 from __future__ import annotations
@@ -22,53 +25,33 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loadtest.openloop import require_loopback
 from loadtest.payloads import PayloadSet
+from loadtest.records import (
+    CONVERGED,
+    GENERATOR_BOUND,
+    INVALID,
+    LATENCY_KEYS,
+    LOWER_BOUND,
+    SloResult,
+    SloStep,
+    TrialRecord,
+    samples_for,
+    tail_confidence,
+)
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 REPO_ROOT = LOCUSTFILE.parent.parent
-LATENCY_KEYS = ("p50", "p95", "p99", "p99.9", "max", "mean")
-# MLPerf-like minimums for a max-throughput result to count; the quick profile is for smoke runs only.
+TrialResult = TrialRecord  # the name earlier code and docs/ARCHITECTURE.md use
+# MLPerf-like minimums for an SLO step: count-based steps of at least `min_queries` arrivals and
+# `min_duration_s`, and a p99 that meets the objective with `confidence` (MLPerf's early stopping).
 SLO_PROFILES: dict[str, dict[str, float]] = {
-    "full": {"min_duration_s": 10.0, "min_queries": 1024},
-    "quick": {"min_duration_s": 3.0, "min_queries": 200},
+    "full": {"min_duration_s": 10.0, "min_queries": 2000, "confidence": 0.99},
+    "quick": {"min_duration_s": 2.0, "min_queries": 500, "confidence": 0.99},
 }
-
-
-@dataclass
-class TrialResult:
-    """One trial's figures (latencies in ms; open-loop trials also carry the uncorrected ones).
-
-    Fields after `server_timings_ms` extend the contract of docs/ARCHITECTURE.md.
-    """
-
-    scenario: str
-    n_docs: int  # documents per request (the mean, for a list-size mix; see `sizes`)
-    encoding: str
-    duration_s: float
-    requests: int
-    failures: int
-    error_rate: float
-    rps: float
-    docs_per_s: float
-    latency_ms: dict[str, float]
-    uncorrected_latency_ms: dict[str, float] | None = None
-    late_sends: int | None = None
-    cache_hit_ratio: float | None = None
-    server_timings_ms: dict[str, float] = field(default_factory=dict)
-    mode: str = "closed-loop"  # or "open-loop"
-    users: int | None = None
-    target_rate_per_s: float | None = None
-    sizes: list[int] = field(default_factory=list)
-    raw_path: str | None = None  # the trial's full JSON (HDR histogram included)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _latency(d: dict[str, Any] | None) -> dict[str, float]:
@@ -79,7 +62,7 @@ def _mean_docs(raw: dict[str, Any]) -> int:
     sizes = raw.get("sizes") or []
     if len(sizes) == 1:
         return int(sizes[0])
-    ok = raw["requests"] - raw["failures"]
+    ok = raw["requests"] - raw["failures"] - raw.get("degraded", 0)
     return int(round(raw["docs"] / ok)) if ok else 0
 
 
@@ -116,9 +99,9 @@ def _read_result(path: Path, log_path: Path, rc: int) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _trial(raw: dict[str, Any], results: Path, **fields: Any) -> TrialResult:
-    """A TrialResult from a generator's result JSON; `fields` are what differs between generators."""
-    return TrialResult(
+def _trial(raw: dict[str, Any], results: Path, **fields: Any) -> TrialRecord:
+    """A TrialRecord from a generator's result JSON; `fields` are what differs between generators."""
+    return TrialRecord(
         n_docs=_mean_docs(raw),
         encoding=raw.get("encoding") or "",
         duration_s=raw["duration_s"],
@@ -132,6 +115,12 @@ def _trial(raw: dict[str, Any], results: Path, **fields: Any) -> TrialResult:
         server_timings_ms=raw["server_timings_ms"],
         sizes=raw.get("sizes") or [],
         raw_path=str(results),
+        degraded=int(raw.get("degraded", 0)),
+        good=raw.get("good"),
+        slo_ms=raw.get("slo_ms"),
+        goodput_per_s=raw.get("goodput_per_s"),
+        generator_cpu=raw.get("generator_cpu") or {},
+        latency_hdr=raw.get("latency_hdr"),
         **fields,
     )
 
@@ -150,7 +139,8 @@ def run_closed_loop(
     processes: int | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float | None = None,
-) -> TrialResult:
+    slo_ms: float | None = None,
+) -> TrialRecord:
     """Run loadtest/locustfile.py headless for `duration_s` with `users` users; read its exact JSON.
 
     `processes` > 1 runs Locust distributed on this machine (`--processes N`: a master and N workers;
@@ -178,6 +168,8 @@ def run_closed_loop(
     }
     if zipf_s is not None:
         child_env["RANKSERVE_ZIPF_S"] = str(zipf_s)
+    if slo_ms is not None:
+        child_env["RANKSERVE_SLO_MS"] = repr(float(slo_ms))
     if processes and processes > 1 and "RANKSERVE_RUN_SALT" not in child_env:
         child_env["RANKSERVE_RUN_SALT"] = str(int(time.time()) % 10**5)  # workers share cache-mix ids
     rc = _run_child(cmd, child_env, log_path, timeout_s or duration_s + 120, cpus)
@@ -188,6 +180,7 @@ def run_closed_loop(
         scenario=scenario,
         mode="closed-loop",
         users=raw.get("peak_users") or users,
+        generator="Locust (closed loop)",
         extra={"locust": raw.get("locust"), "exit_code": rc, "latency_by_name_ms": raw.get("latency_by_name_ms"),
                "cpu_affinity": raw.get("cpu_affinity")},
     )
@@ -197,7 +190,7 @@ def run_open_loop(
     host: str,
     payloads: PayloadSet | str | Path,
     rate_per_s: float,
-    duration_s: float,
+    duration_s: float | None,
     *,
     seed: int = 0,
     out_dir: str | Path | None = None,
@@ -209,11 +202,17 @@ def run_open_loop(
     scenario: str = "open-loop",
     timeout_s: float | None = None,
     zipf_s: float | None = None,
-) -> TrialResult:
-    """Poisson arrivals at `rate_per_s` for `duration_s` (loadtest/openloop.py in a subprocess).
+    slo_ms: float | None = None,
+    expected_latency_ms: float = 5.0,
+    processes: int | None = None,
+) -> TrialRecord:
+    """Poisson arrivals at `rate_per_s` (loadtest/openloop.py in a subprocess, pinned to `cpus`).
 
-    Latency is measured from each request's scheduled send time; `uncorrected_latency_ms` from its
-    actual send time; `late_sends` counts sends more than `late_ms` behind schedule.
+    Time-bound (`duration_s`), count-based (`duration_s=None`, exactly `max_requests` arrivals) or
+    both. Latency is measured from each request's scheduled send time; `uncorrected_latency_ms` from
+    its actual send time; `late_sends` counts sends the generator itself left more than `late_ms`
+    late, and `generator_bound` says they were more than 1%. `processes` (default: one per CPU in
+    `cpus`) splits the rate over several generator processes.
     """
     require_loopback(host)
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="rankserve-openloop-"))
@@ -222,23 +221,32 @@ def run_open_loop(
         payload_file = payloads.save(out / "payloads.msgpack")
     else:
         payload_file = Path(payloads).resolve()
+    processes = processes or max(1, len(cpus or []))
     stem = f"open-{scenario}-{rate_per_s:g}per_s-seed{seed}"
     results, log_path = out / f"{stem}.json", out / f"{stem}.log"
     results.unlink(missing_ok=True)
     request_timeout = 30.0
     cmd = [
         sys.executable, "-m", "loadtest.openloop", "--host", host, "--payloads", str(payload_file),
-        "--rate", repr(float(rate_per_s)), "--duration", repr(float(duration_s)), "--seed", str(seed),
+        "--rate", repr(float(rate_per_s)), "--seed", str(seed),
         "--max-in-flight", str(max_in_flight), "--late-ms", repr(float(late_ms)),
-        "--request-timeout", repr(request_timeout), "--out", str(results),
+        "--request-timeout", repr(request_timeout), "--expected-latency-ms", repr(float(expected_latency_ms)),
+        "--processes", str(processes), "--out", str(results),
     ]  # fmt: skip
+    if duration_s is not None:
+        cmd += ["--duration", repr(float(duration_s))]
     if max_requests is not None:
-        cmd += ["--max-requests", str(max_requests)]
+        cmd += ["--count", str(max_requests)]
+    if cpus:
+        cmd += ["--cpus", ",".join(str(c) for c in cpus)]
     if not unique_queries:
         cmd.append("--reuse-queries")
     if zipf_s:
         cmd += ["--zipf-s", repr(float(zipf_s))]
-    rc = _run_child(cmd, dict(os.environ), log_path, timeout_s or duration_s + 2 * request_timeout + 60, cpus)
+    if slo_ms is not None:
+        cmd += ["--slo-ms", repr(float(slo_ms))]
+    length = duration_s if duration_s is not None else 1.5 * (max_requests or 0) / rate_per_s
+    rc = _run_child(cmd, dict(os.environ), log_path, timeout_s or length + 2 * request_timeout + 60, cpus)
     raw = _read_result(results, log_path, rc)
     return _trial(
         raw,
@@ -248,10 +256,17 @@ def run_open_loop(
         uncorrected_latency_ms=_latency(raw["uncorrected_latency_ms"]),
         late_sends=raw["late_sends"],
         target_rate_per_s=float(rate_per_s),
+        generator=raw.get("generator", "open loop"),
+        offered_rate_per_s=raw.get("offered_rate_per_s"),
+        achieved_rate_per_s=raw.get("achieved_rate_per_s"),
+        late_fraction=raw.get("late_fraction"),
+        generator_bound=bool(raw.get("generator_bound")),
         extra={
-            k: raw[k]
-            for k in ("scheduled", "scheduled_duration_s", "sent", "send_rate_per_s", "mean_interarrival_ms", "max_send_lag_ms",
-                      "waited_for_slot", "late_threshold_ms", "errors", "seed", "cpu_affinity")  # fmt: skip
+            k: raw.get(k)
+            for k in ("scheduled", "scheduled_duration_s", "count_based", "sent", "send_rate_per_s",
+                      "mean_interarrival_ms", "max_send_lag_ms", "waited_for_slot", "late_after_wait",
+                      "late_threshold_ms", "connections_opened", "processes", "errors", "seed",
+                      "cpu_affinity")  # fmt: skip
         },
     )
 
@@ -259,16 +274,46 @@ def run_open_loop(
 # ----------------------------------------------------------------------------------------------
 # Maximum throughput under a latency objective
 # ----------------------------------------------------------------------------------------------
+PASS, FAIL, GEN_BOUND = "pass", "fail", "generator-bound"
 
 
-def trial_meets_slo(trial: TrialResult, slo_p99_ms: float) -> bool:
-    """The objective: corrected p99 within the SLO and not one error."""
-    return trial.failures == 0 and trial.requests > 0 and trial.latency_ms.get("p99", math.inf) <= slo_p99_ms
+def judge_step(trial: TrialRecord, slo_p99_ms: float, confidence: float) -> tuple[str, str, float]:
+    """(outcome, why, confidence) of one SLO step.
+
+    A step that the generator could not keep to its schedule measured the generator: it is neither a
+    pass nor a fail of the service. Otherwise any error or degraded answer fails the step, and its
+    p99 must meet the objective by MLPerf's early-stopping rule at `confidence`: the misses (answers
+    over the objective) must be few enough for that many samples.
+    """
+    if trial.generator_bound:
+        late = trial.late_fraction if trial.late_fraction is not None else 0.0
+        return GEN_BOUND, f"generator late on {late:.1%} of sends", 0.0
+    if trial.requests == 0:
+        return FAIL, "no answer", 0.0
+    if trial.failures:
+        return FAIL, f"{trial.failures} errors", 0.0
+    if trial.degraded:
+        return FAIL, f"{trial.degraded} degraded answers", 0.0
+    if trial.good is None:  # a trial run without the objective: judge its observed p99 only
+        ok = trial.latency_ms.get("p99", math.inf) <= slo_p99_ms
+        return (PASS if ok else FAIL), f"p99 {trial.latency_ms.get('p99', 0):.2f} ms (no early-stopping count)", 0.0
+    over = trial.over_slo
+    conf = tail_confidence(trial.samples, over, 99.0)
+    why = f"{over} of {trial.samples} over {slo_p99_ms:g} ms: p99 within it with {conf:.1%} confidence"
+    return (PASS if conf >= confidence else FAIL), why, conf
+
+
+def trial_meets_slo(trial: TrialRecord, slo_p99_ms: float, confidence: float = 0.0) -> bool:
+    """Whether a trial passes the objective (see judge_step)."""
+    return judge_step(trial, slo_p99_ms, confidence)[0] == PASS
+
+
+Judge = Callable[[TrialRecord], tuple[str, str, float]]
 
 
 def search_rate(
-    trial_at: Callable[[float], TrialResult],
-    slo_p99_ms: float,
+    trial_at: Callable[[float, int], TrialRecord],
+    judge: Judge | float,
     *,
     start_rate_per_s: float = 50.0,
     min_rate_per_s: float = 1.0,
@@ -277,38 +322,67 @@ def search_rate(
     tolerance: float = 0.05,
     deadline: float = math.inf,
     trial_cost_s: Callable[[float], float] = lambda rate: 0.0,
-) -> tuple[tuple[float, TrialResult] | None, list[tuple[float, TrialResult, bool]], str]:
+) -> tuple[list[SloStep], str]:
     """Exponential growth (x2) until a rate fails, then bisection; bounded in steps and time.
 
-    Returns (best passing (rate, trial) or None, every (rate, trial, passed), why it stopped).
+    `trial_at(rate, step)` runs step number `step` (each step its own seed). A generator-bound step
+    caps the search like a failure, without being one. Returns every step and why the search stopped:
+    "converged", "generator-bound", "max rate", "min rate", "max steps" or "time budget".
     """
-    best: tuple[float, TrialResult] | None = None
-    fail_rate: float | None = None
-    history: list[tuple[float, TrialResult, bool]] = []
+    if not callable(judge):
+        slo = float(judge)
+        judge = lambda trial: judge_step(trial, slo, 0.0)  # noqa: E731
+    steps: list[SloStep] = []
+    best: float | None = None
+    ceiling: tuple[float, str] | None = None  # (lowest failing or generator-bound rate, its outcome)
     rate = min(max(start_rate_per_s, min_rate_per_s), max_rate_per_s)
-    for _ in range(max_steps):
+    for index in range(max_steps):
         if time.monotonic() + trial_cost_s(rate) > deadline:
-            return best, history, "time budget"
-        trial = trial_at(rate)
-        ok = trial_meets_slo(trial, slo_p99_ms)
-        history.append((rate, trial, ok))
-        if ok:
-            best = (rate, trial)
-        else:
-            fail_rate = rate
-        if best is not None and fail_rate is not None:
-            if fail_rate / best[0] - 1.0 <= tolerance:
-                return best, history, "converged"
-            rate = (best[0] + fail_rate) / 2.0
+            return steps, "time budget"
+        trial = trial_at(rate, index)
+        outcome, why, conf = judge(trial)
+        steps.append(SloStep(rate_per_s=rate, outcome=outcome, why=why, confidence=conf, trial=trial.to_dict()))
+        if outcome == PASS:
+            best = max(best or rate, rate)
+        elif ceiling is None or rate < ceiling[0] or (rate == ceiling[0] and outcome == FAIL):
+            ceiling = (rate, outcome)
+        if best is not None and ceiling is not None:
+            if ceiling[0] / best - 1.0 <= tolerance:
+                return steps, "converged" if ceiling[1] == FAIL else "generator-bound"
+            rate = (best + ceiling[0]) / 2.0
         elif best is not None:  # still growing
             if rate >= max_rate_per_s:
-                return best, history, "max rate"
+                return steps, "max rate"
             rate = min(rate * 2.0, max_rate_per_s)
         else:  # even the first rates fail: shrink
             if rate <= min_rate_per_s:
-                return best, history, "min rate"
+                return steps, "min rate"
             rate = max(rate / 2.0, min_rate_per_s)
-    return best, history, "max steps"
+    return steps, "max steps"
+
+
+def conclude(steps: list[SloStep], stopped_by: str, tolerance: float) -> tuple[str, list[str], SloStep | None,
+                                                                             SloStep | None]:
+    """(status, reasons, best passing step, the step that capped it) of a finished search."""
+    passing = [s for s in steps if s.outcome == PASS]
+    best = max(passing, key=lambda s: s.rate_per_s) if passing else None
+    above = [s for s in steps if s.outcome != PASS and (best is None or s.rate_per_s > best.rate_per_s)]
+    cap = min(above, key=lambda s: (s.rate_per_s, s.outcome != FAIL)) if above else None
+    if best is None:
+        whys = sorted({s.why for s in steps})
+        return INVALID, ["no tried rate met the objective", *whys[:5]], None, cap
+    if cap is not None and cap.outcome == GEN_BOUND:
+        return GENERATOR_BOUND, [
+            f"at {cap.rate_per_s:.4g}/s the generator could not keep its schedule ({cap.why}); "
+            f"the service's limit is at least {best.rate_per_s:.4g}/s, measure it with a faster generator "
+            "(more generator cores: processes)"], best, cap
+    if cap is not None and cap.rate_per_s / best.rate_per_s - 1.0 <= tolerance:
+        return CONVERGED, [], best, cap
+    if cap is None:
+        return LOWER_BOUND, [f"every step passed (stopped by {stopped_by}): the limit is higher"], best, cap
+    return LOWER_BOUND, [
+        f"bracket {best.rate_per_s:.4g}..{cap.rate_per_s:.4g}/s is wider than the tolerance {tolerance:.0%} "
+        f"(stopped by {stopped_by})"], best, cap
 
 
 def max_throughput_under_slo(
@@ -319,6 +393,7 @@ def max_throughput_under_slo(
     min_queries: int | None = None,
     *,
     profile: str = "full",
+    confidence: float | None = None,
     start_rate_per_s: float = 50.0,
     max_rate_per_s: float = 100_000.0,
     max_steps: int = 12,
@@ -328,75 +403,73 @@ def max_throughput_under_slo(
     out_dir: str | Path | None = None,
     cpus: Sequence[int] | None = None,
     zipf_s: float | None = None,
-) -> dict[str, Any]:
-    """The highest Poisson arrival rate whose corrected p99 stays within `slo_p99_ms`.
+    expected_latency_ms: float = 5.0,
+) -> SloResult:
+    """The highest Poisson arrival rate whose p99 stays within `slo_p99_ms`, with its status.
 
-    Like MLPerf's Server scenario, a result counts (VALID) only if its trial had no errors and ran at
-    least `min_duration_s` and `min_queries`; each trial runs max(min_duration_s, min_queries / rate)
-    seconds. Defaults come from `SLO_PROFILES[profile]` ("quick" is for smoke runs and says so).
+    Like MLPerf's Server scenario: each step is count-based (exactly max(min_queries, rate x
+    min_duration_s) arrivals) with a seed of its own, and passes with no error, no degraded answer,
+    and a p99 within the objective at `confidence` (early stopping). Defaults come from
+    `SLO_PROFILES[profile]`. The status says what the figure means (loadtest/records.py).
     """
     if profile not in SLO_PROFILES:
         raise ValueError(f"profile must be one of {sorted(SLO_PROFILES)}, got {profile!r}")
     require_loopback(host)
-    min_duration_s = float(SLO_PROFILES[profile]["min_duration_s"] if min_duration_s is None else min_duration_s)
-    min_queries = int(SLO_PROFILES[profile]["min_queries"] if min_queries is None else min_queries)
+    defaults = SLO_PROFILES[profile]
+    min_duration_s = float(defaults["min_duration_s"] if min_duration_s is None else min_duration_s)
+    min_queries = int(defaults["min_queries"] if min_queries is None else min_queries)
+    confidence = float(defaults["confidence"] if confidence is None else confidence)
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="rankserve-slo-"))
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(payloads, PayloadSet):
         payloads = payloads.save(out / "payloads.msgpack")
     t_start = time.monotonic()
 
-    def duration_at(rate: float) -> float:
-        # arrivals are Poisson, so ask for 10% more time than min_queries/rate needs on average
-        return max(min_duration_s, 1.1 * min_queries / rate)
+    def count_at(rate: float) -> int:
+        return max(min_queries, math.ceil(rate * min_duration_s))
 
-    def trial_at(rate: float) -> TrialResult:
+    def trial_at(rate: float, step: int) -> TrialRecord:
         return run_open_loop(
-            host, payloads, rate, duration_at(rate), seed=seed, out_dir=out, cpus=cpus, scenario="slo-search", zipf_s=zipf_s
+            host, payloads, rate, None, max_requests=count_at(rate), seed=seed * 1000 + step, out_dir=out,
+            cpus=cpus, scenario=f"slo-step{step}", zipf_s=zipf_s, slo_ms=slo_p99_ms,
+            expected_latency_ms=expected_latency_ms,
         )
 
-    best, history, stopped_by = search_rate(
+    steps, stopped_by = search_rate(
         trial_at,
-        slo_p99_ms,
+        lambda trial: judge_step(trial, slo_p99_ms, confidence),
         start_rate_per_s=start_rate_per_s,
         max_rate_per_s=max_rate_per_s,
         max_steps=max_steps,
         tolerance=tolerance,
         deadline=t_start + time_budget_s,
-        trial_cost_s=lambda rate: duration_at(rate) + 5.0,  # plus the subprocess start and drain
+        trial_cost_s=lambda rate: count_at(rate) / rate + 3.0,  # plus the subprocess start and drain
     )
-    reasons: list[str] = []
-    if best is None:
-        reasons.append(f"no tried rate kept p99 <= {slo_p99_ms} ms with zero errors")
-    else:
-        trial = best[1]
-        if trial.error_rate > 0:
-            reasons.append(f"error rate {trial.error_rate:.4f} > 0")
-        if trial.requests < min_queries:
-            reasons.append(f"{trial.requests} queries < min_queries {min_queries}")
-        if trial.duration_s < min_duration_s:
-            reasons.append(f"ran {trial.duration_s:.1f} s < min_duration_s {min_duration_s}")
-    result: dict[str, Any] = {
-        "status": "INVALID" if reasons else "VALID",
-        "reasons": reasons,
-        "slo_p99_ms": slo_p99_ms,
-        "max_rate_per_s": best[0] if best else None,
-        "achieved_rps": best[1].rps if best else None,
-        "p99_ms": best[1].latency_ms.get("p99") if best else None,
-        "best_trial": best[1].to_dict() if best else None,
-        "profile": profile,
-        "min_duration_s": min_duration_s,
-        "min_queries": min_queries,
-        "zipf_s": zipf_s,
-        "search": "exponential growth x2 from start_rate, then bisection to within tolerance",
-        "stopped_by": stopped_by,
-        "steps": len(history),
-        "elapsed_s": time.monotonic() - t_start,
-        "trials": [{"rate_per_s": r, "meets_slo": ok, **t.to_dict()} for r, t, ok in history],
-    }
-    if profile == "quick":
-        result["note"] = (
-            f"quick profile: minimums ({min_duration_s:g} s, {min_queries} queries) are far below a full run's; "
-            "a smoke figure, not a result to publish"
-        )
-    return result
+    status, reasons, best, cap = conclude(steps, stopped_by, tolerance)
+    trial = best.trial_record if best else None
+    needed = samples_for(confidence)
+    if min_queries < needed:
+        reasons.append(f"min_queries {min_queries} < {needed}: too few for a p99 at {confidence:.0%} confidence "
+                       "with no miss, so no step can pass the early-stopping rule")
+    return SloResult(
+        status=status,
+        reasons=reasons,
+        slo_p99_ms=slo_p99_ms,
+        max_rate_per_s=best.rate_per_s if best else None,
+        offered_rate_per_s=trial.offered_rate_per_s if trial else None,
+        achieved_rate_per_s=trial.achieved_rate_per_s if trial else None,
+        p99_ms=trial.latency_ms.get("p99") if trial else None,
+        samples=trial.samples if trial else None,
+        confidence=best.confidence if best else None,
+        bracket=[best.rate_per_s if best else None, cap.rate_per_s if cap else None],
+        tolerance=tolerance,
+        profile=profile,
+        min_queries=min_queries,
+        min_duration_s=min_duration_s,
+        confidence_target=confidence,
+        stopped_by=stopped_by,
+        steps=[s.to_dict() for s in steps],
+        elapsed_s=time.monotonic() - t_start,
+        zipf_s=zipf_s,
+        start_rate_per_s=start_rate_per_s,
+    )

@@ -5,7 +5,11 @@ generator are exercised for real), validates the four request formats of docs/AR
 documents by the sum of their features, and keeps an in-memory result cache keyed by the body so that
 `cached` behaves like the real service's cache. `running_rank_app()` starts and stops it.
 
-Run by hand: `python tests/loadtest_rank_app.py --port 8011`.
+`--degraded F` (`running_rank_app(degraded=F)`) answers a random fraction F of the requests (1: every
+one) with the service's degraded fallback: HTTP 200, the request's own order, every score null,
+`degraded: true`, never cached; as the real service does when its model fails or passes its deadline.
+
+Run by hand: `python tests/loadtest_rank_app.py --port 8011 [--degraded 0.5]`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -31,6 +36,8 @@ from fastapi.responses import Response
 
 app = FastAPI()
 _cache: dict[str, bytes] = {}
+degraded_fraction = 0.0  # of the answers; set from --degraded at startup
+_degraded_rng = random.Random(0)
 
 
 def _features_from(body: dict) -> tuple[list, np.ndarray | None]:
@@ -70,6 +77,8 @@ async def rank(request: Request) -> Response:
         raise HTTPException(422, "query_id: required string")
     ids, X = _features_from(body)
     t1 = time.perf_counter()
+    if degraded_fraction > 0 and _degraded_rng.random() < degraded_fraction:
+        return _degraded_answer(body["query_id"], ids, (time.perf_counter() - t0) * 1e3)
     key = hashlib.sha256(raw).hexdigest()
     cached = key in _cache
     t2 = time.perf_counter()
@@ -95,6 +104,19 @@ async def rank(request: Request) -> Response:
         "cached": cached,
         "degraded": False,
         "timings_ms": timings,
+    }
+    return Response(orjson.dumps(out), media_type="application/json")
+
+
+def _degraded_answer(query_id: str, ids: list, elapsed_ms: float) -> Response:
+    """The service's fallback: the request's own order, no scores (serve/ranking.py's fallback_results)."""
+    out = {
+        "query_id": query_id,
+        "model": {"name": "stub", "variant": "sum", "version": "0"},
+        "results": [{"id": i, "score": None} for i in ids],
+        "cached": False,
+        "degraded": True,
+        "timings_ms": {"parse": elapsed_ms, "cache": 0.0, "queue": 0.0, "inference": 0.0, "total": elapsed_ms},
     }
     return Response(orjson.dumps(out), media_type="application/json")
 
@@ -149,10 +171,14 @@ def running_server(args: list[str], port: int, timeout_s: float = 60.0, cwd: Pat
 
 
 @contextlib.contextmanager
-def running_rank_app(timeout_s: float = 60.0) -> Iterator[str]:
-    """Start this app on a free loopback port in a subprocess; yield its base URL; stop it."""
+def running_rank_app(timeout_s: float = 60.0, *, degraded: float = 0.0) -> Iterator[str]:
+    """Start this app on a free loopback port in a subprocess; yield its base URL; stop it.
+
+    `degraded`: the fraction of requests answered with the degraded fallback (0: none, 1: every one).
+    """
     port = free_port()
-    with running_server([str(Path(__file__).resolve()), "--port", str(port)], port, timeout_s) as url:
+    args = [str(Path(__file__).resolve()), "--port", str(port), "--degraded", str(degraded)]
+    with running_server(args, port, timeout_s) as url:
         yield url
 
 
@@ -161,5 +187,9 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--degraded", type=float, default=0.0, help="fraction of answers that are degraded (0..1)")
     args = ap.parse_args()
+    if not 0.0 <= args.degraded <= 1.0:
+        ap.error(f"--degraded must be in 0..1, got {args.degraded}")
+    degraded_fraction = args.degraded
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loadtest_rank_app import free_port, running_server
+from loadtest_rank_app import free_port, running_rank_app, running_server
 
 from loadtest.payloads import build_payloads
 from loadtest.runner import LOCUSTFILE, REPO_ROOT, TrialResult, run_closed_loop
 
 pytestmark = pytest.mark.slow  # starts real Locust runs (a few seconds each)
 
+LARGE_SLO = {"RANKSERVE_SLO_MS": "1000000"}  # every success is within it: good == successes
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +30,54 @@ def payload_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ps.save(tmp_path_factory.mktemp("payloads") / "mix.msgpack")
 
 
-def _check_trial(r: TrialResult) -> None:
+@pytest.fixture(scope="module")
+def degraded_url() -> Iterator[str]:
+    """The small server answering every request with the degraded fallback (HTTP 200, scores null)."""
+    with running_rank_app(degraded=1.0) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def half_degraded_url() -> Iterator[str]:
+    """The small server answering a random half of the requests degraded."""
+    with running_rank_app(degraded=0.5) as url:
+        yield url
+
+
+def _raw(r: TrialResult) -> dict:
+    return json.loads(Path(r.raw_path or "").read_text())
+
+
+def _check_counts(raw: dict, processes: int = 1) -> None:
+    """The result file's counts agree with each other, with the per-size breakdown and with Locust's."""
+    n, failures, degraded, good = raw["requests"], raw["failures"], raw["degraded"], raw["good"]
+    successes = n - failures - degraded
+    assert n > 0 and 0 <= good <= successes
+    assert raw["latency_ms"]["count"] == successes  # neither errors nor degraded answers are latencies
+    assert raw["error_rate"] == pytest.approx(failures / n) and raw["degraded_rate"] == pytest.approx(degraded / n)
+    assert raw["goodput_per_s"] == pytest.approx(good / raw["duration_s"])
+    by_name = raw["outcomes_by_name"]
+    for key in ("requests", "failures", "degraded", "good"):
+        assert sum(o[key] for o in by_name.values()) == raw[key]
+    for name, hist in raw["latency_by_name_ms"].items():
+        o = by_name[name]
+        assert hist["count"] == o["requests"] - o["failures"] - o["degraded"]
+    assert raw["locust"]["requests"] == n and raw["locust"]["failures"] == failures + degraded
+    cpu = raw["generator_cpu"]
+    assert set(cpu) == {"cpu_s", "wall_s", "utilization", "processes"}
+    assert cpu["processes"] == processes and cpu["cpu_s"] > 0 and cpu["wall_s"] > 0 and cpu["utilization"] > 0
+    if processes == 1:
+        assert cpu["utilization"] == pytest.approx(cpu["cpu_s"] / cpu["wall_s"])
+
+
+def _check_trial(r: TrialResult, processes: int = 1) -> None:
     assert r.requests > 0 and r.failures == 0 and r.error_rate == 0.0
-    assert set(r.latency_ms) == {"p50", "p95", "p99", "p99.9", "max", "mean"}
+    assert {"p50", "p95", "p99", "p99.9", "max", "mean"} <= set(r.latency_ms)
     assert 0 < r.latency_ms["p50"] <= r.latency_ms["p99"] <= r.latency_ms["max"]
     assert r.rps > 0 and r.docs_per_s > 0
     assert set(r.server_timings_ms) == {"parse", "cache", "queue", "inference", "total"}
     assert r.extra["locust"]["requests"] == r.requests  # Locust's own count agrees with ours
+    _check_counts(_raw(r), processes)
 
 
 def test_selection_of_users_and_shapes() -> None:
@@ -110,9 +152,46 @@ def test_step_ramp_shape_headless(rank_url: str, payload_file: Path, tmp_path: P
     assert r.duration_s < 30  # the shape ended the test after its 3 steps, long before -t 60s
 
 
-def test_distributed_workers_merge_histograms(rank_url: str, payload_file: Path, tmp_path: Path) -> None:
-    r = run_closed_loop(rank_url, payload_file, 4, 3, "steady", tmp_path, processes=2)
-    _check_trial(r)  # includes: merged HDR count == Locust's aggregated count over both workers
+def test_distributed_workers_merge_histograms(half_degraded_url: str, payload_file: Path, tmp_path: Path) -> None:
+    r = run_closed_loop(half_degraded_url, payload_file, 4, 3, "steady", tmp_path, processes=2, env=LARGE_SLO)
+    # includes: merged counts, per-size outcomes and HDR counts agree with Locust's aggregate over both
+    # workers; each worker's CPU use arrived (processes == 2)
+    _check_trial(r, processes=2)
+    raw = _raw(r)
+    assert 0 < raw["degraded"] < raw["requests"]  # both kinds of answer crossed the wire
+    assert raw["good"] == raw["requests"] - raw["degraded"] > 0
+    cpu = raw["generator_cpu"]
+    assert cpu["utilization"] < cpu["cpu_s"] / cpu["wall_s"]  # the busiest worker's, not the sum of both
+
+
+def test_degraded_answers_are_not_successes(degraded_url: str, payload_file: Path, tmp_path: Path) -> None:
+    """A service that answers every request with its fallback: fast and error-free, but no goodput."""
+    r = run_closed_loop(degraded_url, payload_file, 2, 2, "steady", tmp_path)
+    raw = _raw(r)
+    _check_counts(raw)
+    assert raw["requests"] > 0 and raw["degraded"] == raw["requests"] and raw["degraded_rate"] == 1.0
+    assert raw["failures"] == 0 and raw["error_rate"] == 0.0 and r.failures == 0
+    assert raw["good"] == 0 and raw["goodput_per_s"] == 0.0 and raw["slo_ms"] == 50.0  # the default objective
+    assert raw["rps"] > 0  # throughput is still there: goodput is what tells
+    assert raw["latency_ms"]["count"] == 0 and raw["docs"] == 0 and raw["server_timings_ms"] == {}
+    assert raw["locust"]["failures"] == raw["requests"]  # Locust's own table shows them failed
+    assert set(raw["outcomes_by_name"]) == {"/rank [10 docs]", "/rank [100 docs]"}
+    assert all(o["degraded"] == o["requests"] for o in raw["outcomes_by_name"].values())
+    assert "degraded answer" in (tmp_path / "locust-steady_failures.csv").read_text()
+
+
+def test_goodput_follows_the_objective(half_degraded_url: str, payload_file: Path, tmp_path: Path) -> None:
+    tight = _raw(run_closed_loop(half_degraded_url, payload_file, 2, 2, "steady", tmp_path / "tight",
+                                 env={"RANKSERVE_SLO_MS": "0.001"}))  # fmt: skip
+    loose = _raw(run_closed_loop(half_degraded_url, payload_file, 2, 2, "steady", tmp_path / "loose", env=LARGE_SLO))
+    for raw in (tight, loose):
+        _check_counts(raw)
+        assert raw["failures"] == 0 and 0 < raw["degraded"] < raw["requests"]
+    assert tight["slo_ms"] == 0.001 and tight["good"] == 0 and tight["goodput_per_s"] == 0.0
+    assert loose["slo_ms"] == 1e6 and loose["good"] == loose["requests"] - loose["degraded"] > 0
+    assert loose["goodput_per_s"] > 0
+    assert loose["goodput_per_s"] == pytest.approx(loose["good"] / loose["duration_s"])
+    assert loose["goodput_per_s"] < loose["rps"]  # the degraded half is throughput, not goodput
 
 
 _BASELINE_LAUNCHER = """

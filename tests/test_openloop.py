@@ -1,5 +1,6 @@
 """Open-loop load: the Poisson schedule, loopback-only, achieved rate, coordinated-omission correction,
-and the max-throughput-under-SLO search (pure search logic, then one short live search)."""
+degraded answers as failures, a generator that falls behind, and the max-throughput-under-SLO search
+(pure search logic, then short live searches)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from broken_scorer_service import running_broken_service
 from scipy import stats
 
-from loadtest.openloop import poisson_schedule, require_loopback
-from loadtest.payloads import build_payloads
-from loadtest.runner import TrialResult, max_throughput_under_slo, run_open_loop, search_rate
+from loadtest.openloop import poisson_schedule, require_loopback, run_schedule
+from loadtest.payloads import PayloadSet, build_payloads
+from loadtest.records import (
+    CONVERGED,
+    GENERATOR_BOUND,
+    INVALID,
+    LOWER_BOUND,
+    SloResult,
+    samples_for,
+    tail_confidence,
+)
+from loadtest.runner import (
+    TrialResult,
+    conclude,
+    judge_step,
+    max_throughput_under_slo,
+    run_open_loop,
+    search_rate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +49,8 @@ def test_schedule_is_deterministic_and_bounded() -> None:
     assert not np.array_equal(a[:10], c[:10])
     assert np.all(np.diff(a) > 0) and a[0] > 0 and a[-1] < 5
     assert len(poisson_schedule(1000, 60, seed=0, max_requests=50)) == 50
+    counted = poisson_schedule(1000, None, seed=0, max_requests=95)  # count-based: exactly that many
+    assert len(counted) == 95 and np.all(np.diff(counted) > 0)
     for bad in [(0, 1), (-1, 1), (10, 0), (math.inf, 1)]:
         with pytest.raises(ValueError):
             poisson_schedule(*bad)
@@ -81,8 +101,11 @@ def test_achieved_rate_matches_target(rank_url: str, payload_file: Path, tmp_pat
     assert r.failures == 0 and r.error_rate == 0.0
     assert r.requests == r.extra["sent"] == r.extra["scheduled"] == scheduled
     assert r.rps == pytest.approx(rate, rel=0.10)
+    assert r.offered_rate_per_s == pytest.approx(scheduled / duration)
+    assert r.degraded == 0 and r.good == r.requests  # (unpinned on a busy machine: lateness may vary)
+    assert r.latency_ms["count"] == r.requests and r.generator.startswith("rankserve open loop")
     assert r.extra["mean_interarrival_ms"] == pytest.approx(1000 / rate, rel=0.10)
-    assert set(r.latency_ms) == {"p50", "p95", "p99", "p99.9", "max", "mean"}
+    assert set(r.latency_ms) == {"p50", "p95", "p99", "p99.9", "max", "mean", "count"}
     assert set(r.uncorrected_latency_ms or {}) == set(r.latency_ms)
     assert 0 <= (r.late_sends or 0) <= r.requests
     assert r.n_docs == 10 and r.docs_per_s == pytest.approx(10 * r.rps)
@@ -94,9 +117,10 @@ def test_achieved_rate_matches_target(rank_url: str, payload_file: Path, tmp_pat
 def test_corrected_latency_counts_the_wait(rank_url: str, payload_file: Path, tmp_path: Path) -> None:
     # One request in flight at a time, offered faster than one connection answers: arrivals queue
     # behind the slot, so they leave late and their corrected latency includes the wait.
-    r = run_open_loop(rank_url, payload_file, 1000.0, 1.0, seed=0, max_in_flight=1, out_dir=tmp_path)
+    r = run_open_loop(rank_url, payload_file, 3000.0, 1.0, seed=0, max_in_flight=1, out_dir=tmp_path)
     assert r.failures == 0
-    assert r.extra["waited_for_slot"] > 0 and (r.late_sends or 0) > 0
+    # the lateness was the service's backlog (every connection busy), not the generator's own
+    assert r.extra["waited_for_slot"] > 0 and r.extra["late_after_wait"] > 0 and not r.generator_bound
     assert r.uncorrected_latency_ms is not None
     for k in ("p50", "p99", "max", "mean"):  # every request: corrected >= uncorrected
         assert r.latency_ms[k] >= r.uncorrected_latency_ms[k] * (1 - 1e-3)
@@ -116,49 +140,148 @@ def test_cache_hits_when_queries_repeat(rank_url: str, payload_file: Path, tmp_p
     assert (r.cache_hit_ratio or 0) >= 1 - 16 / r.requests - 1e-9
 
 
+# ---- degraded answers and a generator that falls behind -------------------------------------------
+
+
+def test_degraded_answers_are_failures_not_successes(payload_file: Path, tmp_path: Path) -> None:
+    # The real service's core with a scorer that raises: every answer is its degraded fallback.
+    with running_broken_service() as url:
+        r = run_open_loop(url, payload_file, 50.0, None, max_requests=60, out_dir=tmp_path, slo_ms=1000.0)
+        assert r.requests == 60 and r.failures == 0  # no error: HTTP 200 each time
+        assert r.degraded == 60 and r.good == 0 and r.goodput_per_s == 0.0
+        assert r.latency_ms["count"] == 0  # no latency is recorded for a degraded answer
+        out = max_throughput_under_slo(url, payload_file, slo_p99_ms=1000.0, min_duration_s=0.5, min_queries=40,
+                                       confidence=0.0, start_rate_per_s=20.0, max_steps=2, out_dir=tmp_path)
+    assert isinstance(out, SloResult) and out.status == INVALID and out.max_rate_per_s is None
+    steps = out.step_records()
+    assert not any(step.outcome == "pass" for step in steps)
+    assert any(step.outcome == "fail" and "degraded" in step.why for step in steps)
+
+
+def _throttled_trial(url: str, payloads: PayloadSet, cpu: int, queue) -> None:  # noqa: ANN001
+    """In a child: share one core with a busy process at the lowest priority, then run a trial."""
+    os.sched_setaffinity(0, {cpu})
+    os.nice(19)
+    queue.put(run_schedule(url, payloads, 3000.0, None, max_requests=1500, seed=3, request_timeout_s=10.0,
+                           drain_timeout_s=10.0))
+
+
+def _spin(seconds: float) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_throttled_generator_is_generator_bound(rank_url: str, payload_file: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    cpu = max(os.sched_getaffinity(0))
+    hog = ctx.Process(target=_spin, args=(8.0,), daemon=True)  # bounded: 8 s at most
+    hog.start()
+    os.sched_setaffinity(hog.pid, {cpu})
+    queue = ctx.Queue()
+    child = ctx.Process(target=_throttled_trial, args=(rank_url, PayloadSet.load(payload_file), cpu, queue))
+    child.start()
+    try:
+        result = queue.get(timeout=90)
+    finally:
+        child.join(timeout=30)
+        hog.kill()
+        hog.join(timeout=5)
+    assert result["late_sends"] > 0.01 * result["sent"] and result["generator_bound"]
+    # a step like it caps the search without being called the service's limit
+    steps_trial = TrialResult("slo", 10, "json", 1.0, 100, 0, 0.0, 100.0, 1000.0, {"p99": 1.0, "count": 100},
+                              generator_bound=True, late_fraction=result["late_fraction"])
+    outcome, why, _ = judge_step(steps_trial, 50.0, 0.0)
+    assert outcome == "generator-bound" and "generator late" in why
+
+
 # ---- max throughput under a latency objective --------------------------------------------------
 
 
-def _fake_trial(capacity: float) -> callable:
-    """A service whose p99 is 10 ms below `capacity` requests/s and 100 ms above (pure logic)."""
+def _fake_trial(capacity: float, generator_limit: float = math.inf) -> callable:
+    """A service whose p99 is 10 ms below `capacity` requests/s and 100 ms above (pure logic); past
+    `generator_limit` the generator falls behind its schedule."""
 
-    def trial(rate: float) -> TrialResult:
+    def trial(rate: float, step: int = 0) -> TrialResult:
         p99 = 10.0 if rate <= capacity else 100.0
         return TrialResult("slo", 10, "json", 10.0, int(rate * 10), 0, 0.0, rate, rate * 10,
-                           {"p50": 1.0, "p95": 5.0, "p99": p99, "p99.9": p99, "max": p99, "mean": 2.0})
+                           {"p50": 1.0, "p95": 5.0, "p99": p99, "p99.9": p99, "max": p99, "mean": 2.0,
+                            "count": int(rate * 10)},
+                           generator_bound=rate > generator_limit, late_fraction=0.2 if rate > generator_limit else 0.0)
 
     return trial
 
 
-def test_search_grows_then_bisects() -> None:
-    best, history, why = search_rate(_fake_trial(730.0), 50.0, start_rate_per_s=50, max_steps=30, tolerance=0.02)
-    rates = [r for r, _, _ in history]
+def test_search_grows_then_bisects_and_converges() -> None:
+    steps, why = search_rate(_fake_trial(730.0), 50.0, start_rate_per_s=50, max_steps=30, tolerance=0.02)
+    rates = [s.rate_per_s for s in steps]
     assert rates[:5] == [50, 100, 200, 400, 800]  # exponential growth until the first failure
-    assert why == "converged" and best is not None
-    assert 730 / 1.02 <= best[0] <= 730
-    assert all(ok == (r <= 730) for r, _, ok in history)
+    assert why == "converged"
+    assert all((s.outcome == "pass") == (s.rate_per_s <= 730) for s in steps)
+    status, reasons, best, cap = conclude(steps, why, 0.02)
+    assert status == CONVERGED and reasons == [] and best is not None and cap is not None
+    assert 730 / 1.02 <= best.rate_per_s <= 730 < cap.rate_per_s <= best.rate_per_s * 1.02
 
 
 def test_search_is_bounded() -> None:
-    _, history, why = search_rate(_fake_trial(1e9), 50.0, max_steps=4)
-    assert len(history) == 4 and why == "max steps"
-    best, history, why = search_rate(_fake_trial(0.5), 50.0, start_rate_per_s=8, min_rate_per_s=1)
-    assert best is None and why == "min rate" and [r for r, _, _ in history] == [8, 4, 2, 1]
-    _, history, why = search_rate(_fake_trial(100), 50.0, deadline=0.0, trial_cost_s=lambda r: 1.0)
-    assert history == [] and why == "time budget"
+    steps, why = search_rate(_fake_trial(1e9), 50.0, max_steps=4)
+    assert len(steps) == 4 and why == "max steps"
+    steps, why = search_rate(_fake_trial(0.5), 50.0, start_rate_per_s=8, min_rate_per_s=1)
+    assert why == "min rate" and [s.rate_per_s for s in steps] == [8, 4, 2, 1]
+    assert conclude(steps, why, 0.05)[0] == INVALID
+    steps, why = search_rate(_fake_trial(100), 50.0, deadline=0.0, trial_cost_s=lambda r: 1.0)
+    assert steps == [] and why == "time budget"
+
+
+def test_a_search_that_never_fails_is_a_lower_bound() -> None:
+    steps, why = search_rate(_fake_trial(1e9), 50.0, start_rate_per_s=50, max_steps=5)
+    status, reasons, best, cap = conclude(steps, why, 0.05)
+    assert status == LOWER_BOUND and cap is None and best is not None and best.rate_per_s == 800
+    assert "every step passed" in reasons[0]
+
+
+def test_a_generator_that_falls_behind_caps_the_search_as_generator_bound() -> None:
+    steps, why = search_rate(_fake_trial(5000.0, generator_limit=900.0), 50.0, start_rate_per_s=100,
+                             max_steps=20, tolerance=0.05)
+    status, reasons, best, cap = conclude(steps, why, 0.05)
+    assert status == GENERATOR_BOUND and why == "generator-bound"
+    assert best is not None and best.rate_per_s <= 900 and cap is not None and cap.outcome == "generator-bound"
+    assert "at least" in reasons[0]
+
+
+def test_early_stopping_confidence() -> None:
+    # MLPerf's rule: 459 samples with no miss give 99% confidence in a p99; 1% misses give about half
+    assert tail_confidence(459, 0) == pytest.approx(0.99, abs=0.001)
+    assert tail_confidence(458, 0) < 0.99
+    assert 0.3 < tail_confidence(1000, 10) < 0.6
+    assert tail_confidence(0, 0) == 0.0
+    assert samples_for(0.99) == 459 and samples_for(0.95) == 299
 
 
 def test_max_throughput_under_slo_live(rank_url: str, payload_file: Path, tmp_path: Path) -> None:
     out = max_throughput_under_slo(
-        rank_url, payload_file, slo_p99_ms=500.0, min_duration_s=1.0, min_queries=40, profile="quick",
-        start_rate_per_s=25.0, max_steps=3, time_budget_s=120.0, out_dir=tmp_path,
+        rank_url, payload_file, slo_p99_ms=500.0, min_duration_s=0.5, min_queries=200, profile="quick",
+        confidence=0.40, start_rate_per_s=100.0, max_steps=2, time_budget_s=120.0, out_dir=tmp_path,
     )  # fmt: skip
-    assert out["status"] == "VALID", out["reasons"]
-    assert out["steps"] == len(out["trials"]) <= 3
-    assert out["max_rate_per_s"] in [t["rate_per_s"] for t in out["trials"] if t["meets_slo"]]
-    assert out["p99_ms"] <= 500.0 and out["best_trial"]["failures"] == 0
-    assert out["best_trial"]["requests"] >= 40 and out["best_trial"]["duration_s"] >= 1.0
-    assert "quick profile" in out["note"]
+    assert out.status == LOWER_BOUND, out.reasons  # both steps passed: the limit is higher
+    steps = out.step_records()
+    assert len(steps) == 2 and [s.rate_per_s for s in steps] == [100.0, 200.0]
+    trials = [s.trial_record for s in steps]
+    # count-based steps: exactly max(min_queries, rate x min_duration) arrivals each
+    assert [t.extra["scheduled"] for t in trials] == [200, 200] and all(t.extra["count_based"] for t in trials)
+    # each step has a seed of its own, so the two arrival patterns differ
+    seeds = [t.extra["seed"] for t in trials]
+    assert seeds[0] != seeds[1]
+    gaps = [np.diff(poisson_schedule(1.0, None, seed, 200)) for seed in seeds]
+    assert not np.allclose(gaps[0], gaps[1])
+    assert out.max_rate_per_s == 200.0 and out.samples == 200 and out.p99_ms <= 500.0
+    assert out.offered_rate_per_s == pytest.approx(trials[1].offered_rate_per_s)
+    assert out.achieved_rate_per_s and out.confidence >= 0.40
+    assert out.min_queries == 200 and out.confidence_target == 0.40
 
 
 def test_max_throughput_invalid_when_nothing_meets_the_slo(rank_url: str, payload_file: Path, tmp_path: Path) -> None:
@@ -166,5 +289,5 @@ def test_max_throughput_invalid_when_nothing_meets_the_slo(rank_url: str, payloa
         rank_url, payload_file, slo_p99_ms=0.001, min_duration_s=0.5, min_queries=5,
         start_rate_per_s=10.0, max_steps=1, time_budget_s=60.0, out_dir=tmp_path,
     )  # fmt: skip
-    assert out["status"] == "INVALID" and out["max_rate_per_s"] is None
-    assert "no tried rate" in out["reasons"][0] and "note" not in out
+    assert out.status == INVALID and out.max_rate_per_s is None
+    assert "no tried rate" in out.reasons[0]

@@ -1,119 +1,225 @@
-"""report.py on the fixture run folders: summary.md holds every row, the numbers are the trials' medians,
-the time breakdown adds up, and the plots are written."""
+"""report.py on run folders built from typed records (tests/run_folders.py): a row's percentiles are
+those of its trials' merged histograms, thin percentiles are marked, a GENERATOR-BOUND maximum is
+shown with its status and never taken as best, degraded answers are counted apart from errors."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import statistics
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from run_folders import entry, latencies, recorder, slo, trial, write_run
 
 from loadtest import report
+from loadtest.records import CONVERGED, GENERATOR_BOUND, INVALID, EntryRecord
+from loadtest.report_tables import LOW_SAMPLES_MARK
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 
+# baseline, 100 docs: three trials of 1,000 samples around 10 ms; the second has 50 answers at 100 ms.
+BASELINE_100 = [latencies(1000, 10.0, seed=0), latencies(1000, 10.0, tail_ms=100.0, tail=50, seed=1),
+                latencies(1000, 10.0, seed=2)]
+INT8_100 = [latencies(30, 20.0, seed=10 + i) for i in range(3)]  # 90 samples in all: too few for a p99
+
 
 @pytest.fixture
-def run_a(tmp_path: Path) -> Path:
-    """A copy of fixture run A (the report writes into its run folder)."""
-    return Path(shutil.copytree(FIXTURES / "run-a", tmp_path / "run-a"))
+def run(tmp_path: Path) -> Path:
+    baseline = entry("baseline", [
+        *(trial(v, rps=r, index=i) for i, (v, r) in enumerate(zip(BASELINE_100, (100.0, 105.0, 110.0), strict=True))),
+        *(trial(latencies(1000, 40.0, seed=20 + i), rps=25.0, list_size=1000, index=i) for i in range(3)),
+    ], [slo(CONVERGED, 500.0, cap=520.0, steps=[(250.0, "pass", 8.0), (500.0, "pass", 12.0), (520.0, "fail", 80.0)])])
+    int8 = entry("int8", [trial(v, rps=400.0 + 10 * i, index=i, failures=2, degraded=5, generator_cpu=0.95)
+                          for i, v in enumerate(INT8_100)], [slo(CONVERGED, 800.0, cap=830.0)])
+    cache = entry("cache", [trial(latencies(400, 5.0, seed=30 + i), rps=900.0, scenario="cache-mix", index=i)
+                            for i in range(3)],
+                  [slo(GENERATOR_BOUND, 2000.0, cap=2100.0,
+                       steps=[(1000.0, "pass", 4.0), (2000.0, "pass", 6.0), (2100.0, "generator-bound", 9.0)])])
+    return write_run(tmp_path / "run", [baseline, int8, cache],
+                     errors=[{"entry": "batching", "error": "ServiceStartError: boom\ntraceback"}])
 
 
-def test_summary_md_has_one_row_per_optimization_and_list_size(run_a: Path) -> None:
-    text = report.write_report(run_a)
-    assert (run_a / "summary.md").read_text() == text
-    assert "## CPU: 100 documents per request" in text
-    assert "## CPU: 1000 documents per request" in text
-    for label in ("| baseline ", "| int8 ", "| cache (cache-mix) "):
-        assert text.count(label) == 4, label  # main table and breakdown, at both list sizes
-    assert "Where the time goes" in text
-    assert "| CPU | AMD" in text or "| CPU |" in text  # the environment block
-    assert "service on [0], load generator on [1]" in text
+def _row(summary: pd.DataFrame, name: str, size: int = 100) -> pd.Series:
+    rows = summary[(summary["entry"] == name) & (summary["list_size"] == size)]
+    assert len(rows) == 1
+    return rows.iloc[0]
 
 
-def test_summary_values_are_trial_medians_with_spread_speedup_and_accuracy(run_a: Path) -> None:
-    summary = report.summary_frame(report.load_run(run_a))
-    row = summary[(summary["entry"] == "int8") & (summary["list_size"] == 100)].iloc[0]
-    assert row["p99"] == pytest.approx(11.0)
-    assert row["rps"] == pytest.approx(410.0)
-    assert (row["rps_min"], row["rps_max"]) == (400.0, 420.0)
-    assert row["trials"] == 3
-    assert row["speedup"] == pytest.approx(410.0 / 105.0)
-    assert row["ndcg10_retention"] == pytest.approx(0.995)
-    assert row["size_mb"] == pytest.approx(0.5)
-    cache = summary[(summary["entry"] == "cache") & (summary["list_size"] == 100)].iloc[0]
-    assert cache["scenario"] == "cache-mix"
-    assert cache["cache_hit_ratio"] == pytest.approx(0.8)
-    assert cache["max_rps_under_slo"] == pytest.approx(1200.0)
-    assert cache["slo_speedup"] == pytest.approx(1200.0 / 90.0)
+def _table_line(text: str, label: str) -> list[str]:
+    """The cells of the first table row of summary.md whose optimization is `label`."""
+    line = next(ln for ln in text.splitlines() if re.match(rf"\|\s*{re.escape(label)}\s*\|", ln))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _header(text: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith("| optimization"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_row_percentiles_are_those_of_the_merged_histogram(run: Path) -> None:
+    summary = report.summary_frame(report.load_run(run))
+    row = _row(summary, "baseline")
+    merged = recorder([v for values in BASELINE_100 for v in values]).percentiles()
+    for p in ("p50", "p95", "p99", "p99.9", "max"):
+        assert row[p] == pytest.approx(merged[p]), p
+    assert row["samples"] == 3000 and row["trials"] == 3 and bool(row["merged"])
+    # 50 of 3,000 answers (1.7%) at 100 ms: the p99 is 100 ms, not the median of the trials' p99s (~12 ms).
+    trial_p99s = [recorder(v).percentiles()["p99"] for v in BASELINE_100]
+    assert row["p99"] == pytest.approx(100.0, rel=1e-3)
+    assert statistics.median(trial_p99s) < 20.0
+    assert (row["p99_min"], row["p99_max"]) == (min(trial_p99s), max(trial_p99s))
+    assert row["rps"] == 105.0 and (row["rps_min"], row["rps_max"]) == (100.0, 110.0)
+    assert row["speedup"] == pytest.approx(1.0)
+    int8 = _row(summary, "int8")
+    assert int8["ndcg10_retention"] == pytest.approx(0.995) and int8["size_mb"] == pytest.approx(0.5)
+    assert int8["speedup"] == pytest.approx(410.0 / 105.0)
     assert list(summary[summary["list_size"] == 100]["entry"]) == ["baseline", "int8", "cache"]
 
 
-def test_best_under_slo_is_reported(run_a: Path) -> None:
-    text = report.write_report(run_a, plots=False)
-    assert "`cache`, 1,200 requests/s, 13.3 times the baseline's" in text
+def test_percentiles_over_too_few_samples_are_marked(run: Path) -> None:
+    text = report.write_report(run, plots=False)
+    header = _header(text)
+    int8, base = dict(zip(header, _table_line(text, "int8"), strict=True)), \
+        dict(zip(header, _table_line(text, "baseline"), strict=True))
+    assert int8["samples"] == "90"
+    assert int8["p99 ms"].endswith(LOW_SAMPLES_MARK) and int8["p99.9 ms"].endswith(LOW_SAMPLES_MARK)
+    assert not int8["p50 ms"].endswith(LOW_SAMPLES_MARK)
+    assert base["samples"] == "3,000"
+    assert not base["p99 ms"].endswith(LOW_SAMPLES_MARK) and not base["p99.9 ms"].endswith(LOW_SAMPLES_MARK)
+    assert "p99 from fewer than 100 samples, or p99.9 from fewer than 1,000" in text
+    cache = dict(zip(header, _table_line(text, "cache (cache-mix)"), strict=True))  # 1,200 samples: both fine
+    assert not cache["p99 ms"].endswith(LOW_SAMPLES_MARK) and not cache["p99.9 ms"].endswith(LOW_SAMPLES_MARK)
+    headline = report.headline_table(run)
+    head = dict(zip(_header(headline), _table_line(headline, "int8"), strict=True))
+    assert head["p99 ms"].endswith(LOW_SAMPLES_MARK) and head["samples"] == "90"
+    assert "p99 from fewer than 100 samples" in headline
 
 
-def test_time_breakdown_adds_up_to_the_client_latency(run_a: Path) -> None:
-    breakdown = report.breakdown_frame(report.load_run(run_a))
+def test_generator_bound_maximum_is_shown_with_its_status_and_never_taken_as_best(run: Path) -> None:
+    summary = report.summary_frame(report.load_run(run))
+    cache = _row(summary, "cache")
+    assert cache["slo_status"] == GENERATOR_BOUND and cache["max_rps_under_slo"] == 2000.0
+    assert cache["slo_speedup"] is None or cache["slo_speedup"] != cache["slo_speedup"]  # None / NaN
+    best = report.best_under_slo(summary)
+    assert [(b["entry"], b["max_rps_under_slo"], b["status"]) for b in best] == [("int8", 800.0, CONVERGED)]
+    assert best[0]["vs_baseline"] == pytest.approx(800.0 / 500.0)
+    text = report.write_report(run, plots=False)
+    assert "`int8`, 800 requests/s (CONVERGED), 1.6 times the baseline's" in text
+    header = _header(text)
+    cells = dict(zip(header, _table_line(text, "cache (cache-mix)"), strict=True))
+    assert cells["max req/s under SLO"] == "2,000 GENERATOR-BOUND"
+    assert dict(zip(header, _table_line(text, "int8"), strict=True))["max req/s under SLO"] == "800 (1.6x) CONVERGED"
+    section = text.split("## Maximum throughput under the objective", 1)[1]
+    assert "a GENERATOR-BOUND or INVALID figure never is" in section and "early-stopping" in section
+    slo_line = next(ln for ln in section.splitlines() if "| cache " in ln)
+    assert "GENERATOR-BOUND" in slo_line and "[2,000, 2,100]" in slo_line and "1 generator-bound" in slo_line
+    assert "max rate asked /s" in section and "offered /s" in section and "confidence" in section
+    assert "| GENERATOR-BOUND" in report.headline_table(run).replace("2,000 ", "| ")
+
+
+def test_invalid_search_shows_its_status(run: Path) -> None:
+    raw = run / "raw" / "int8.json"
+    record = EntryRecord.load(raw)
+    record.slo = [slo(INVALID, None, steps=[(400.0, "fail", 90.0)]).to_dict()]
+    record.save(raw)
+    summary = report.summary_frame(report.load_run(run))
+    assert _row(summary, "int8")["slo_status"] == INVALID
+    assert report.best_under_slo(summary) == [{"device": "cpu", "list_size": 100, "entry": "baseline",
+                                               "max_rps_under_slo": 500.0, "status": CONVERGED, "vs_baseline": 1.0}]
+    text = report.write_report(run, plots=False)
+    assert dict(zip(_header(text), _table_line(text, "int8"), strict=True))["max req/s under SLO"] == INVALID
+
+
+def test_degraded_answers_are_counted_apart_from_errors(run: Path) -> None:
+    summary = report.summary_frame(report.load_run(run))
+    int8 = _row(summary, "int8")
+    assert (int8["failures"], int8["degraded"], int8["requests"]) == (6, 15, 96)
+    assert int8["error_rate"] == pytest.approx(6 / 96) and int8["degraded_rate"] == pytest.approx(15 / 96)
+    text = report.write_report(run, plots=False)
+    cells = dict(zip(_header(text), _table_line(text, "int8"), strict=True))
+    assert cells["errors"] == "6 (6.25%)" and cells["degraded"] == "15 (15.62%)"
+    assert dict(zip(_header(text), _table_line(text, "baseline"), strict=True))["degraded"] == "0"
+    assert float(cells["goodput/s"]) < float(cells["req/s (min-max)"].split()[0])
+
+
+def test_generator_is_named_and_flagged_when_it_may_have_set_the_pace(run: Path) -> None:
+    text = report.write_report(run, plots=False)
+    header = _header(text)
+    assert dict(zip(header, _table_line(text, "int8"), strict=True))["generator"] == \
+        "Locust (closed loop) [generator CPU 95%]"
+    assert dict(zip(header, _table_line(text, "baseline"), strict=True))["generator"] == "Locust (closed loop)"
+    assert "may have set the pace" in text
+    headline = report.headline_table(run)
+    assert "[generator CPU 95%]" in dict(zip(_header(headline), _table_line(headline, "int8"), strict=True))["req/s"]
+
+
+def test_summary_md_sections_breakdown_and_failed_entries(run: Path) -> None:
+    text = report.write_report(run, plots=False)
+    assert (run / "summary.md").read_text() == text
+    assert "## CPU: 100 documents per request" in text and "## CPU: 1000 documents per request" in text
+    assert text.count("| baseline ") == 5  # main table and breakdown at both list sizes, the SLO table
+    assert "Where the time goes" in text
+    assert "`batching`: ServiceStartError: boom" in text
+    breakdown = report.breakdown_frame(report.load_run(run))
     row = breakdown[(breakdown["entry"] == "baseline") & (breakdown["list_size"] == 100)].iloc[0]
-    assert row["client_mean"] == pytest.approx(23.1)  # median of the trials' means (1.1 x p50)
     assert row["client_transport_proxy"] == pytest.approx(row["client_mean"] - row["server_total"])
     parts = ["server_parse", "server_cache", "server_queue", "server_inference", "server_other"]
     assert sum(row[p] for p in parts) == pytest.approx(row["server_total"])
 
 
-def test_plots_and_csvs_are_written(run_a: Path) -> None:
-    report.write_report(run_a)
-    for size in (100, 1000):
-        for kind in ("latency_vs_throughput", "latency_bars"):
-            png = run_a / "plots" / f"{kind}_cpu_{size}.png"
-            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len((run_a / "trials.csv").read_text().splitlines()) == 1 + 3 * 2 * 3  # entries x sizes x trials
-    assert (run_a / "summary.csv").exists() and (run_a / "breakdown.csv").exists()
+def test_plots_and_csvs_are_written_and_the_slo_curve_uses_the_offered_rate(run: Path) -> None:
+    report.write_report(run)
+    for kind in ("latency_vs_throughput_cpu_100", "latency_bars_cpu_1000", "slo_steps_cpu_100"):
+        assert (run / "plots" / f"{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((run / "trials.csv").read_text().splitlines()) == 1 + 3 + 3 + 3 + 3
+    steps = report.slo_steps_frame(report.load_run(run))
+    base = steps[steps["entry"] == "baseline"]
+    assert list(base["rate_per_s"]) == [250.0, 500.0, 520.0]
+    assert list(base["offered_rate_per_s"]) == pytest.approx([0.99 * r for r in (250.0, 500.0, 520.0)])
+    assert list(base["outcome"]) == ["pass", "pass", "fail"]
+    assert len((run / "slo_steps.csv").read_text().splitlines()) == 1 + 6
+    assert (run / "slo.csv").exists() and (run / "summary.csv").exists() and (run / "breakdown.csv").exists()
 
 
-def test_headline_table_is_markdown_with_every_optimization(run_a: Path) -> None:
-    text = report.headline_table(run_a)
-    assert text.count("| baseline ") == 2
-    assert "13.3x" in text and "max req/s at SLO" in text
-    assert "**CPU, 100 documents per request**" in text
+def test_an_empty_run_reports(tmp_path: Path) -> None:
+    empty = tmp_path / "run"
+    (empty / "raw").mkdir(parents=True)
+    (empty / "raw" / "int8.error.json").write_text('{"entry": "int8", "error": "ServiceStartError: boom"}')
+    text = report.write_report(empty)
+    assert "No entry has finished yet." in text and "`int8`: ServiceStartError: boom" in text
+    assert report.headline_table(empty) == "_No results in this run._\n"
 
 
-def test_failed_entries_are_listed_and_an_empty_run_reports(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    (run / "raw").mkdir(parents=True)
-    (run / "raw" / "int8.error.json").write_text('{"entry": "int8", "error": "ServiceStartError: boom"}')
-    text = report.write_report(run)
-    assert "No entry has finished yet." in text
-    assert "`int8`: ServiceStartError: boom" in text
+def test_gpu_rows_get_their_own_table(run: Path) -> None:
+    record = EntryRecord.load(run / "raw" / "int8.json")
+    record.entry, record.service = "int8-gpu", {**record.service, "device": "gpu"}
+    record.save(run / "raw" / "int8-gpu.json")
+    text = report.write_report(run, plots=False)
+    assert "## GPU: 100 documents per request" in text and "## CPU: 100 documents per request" in text
 
 
-def test_gpu_rows_get_their_own_table(run_a: Path) -> None:
-    raw = run_a / "raw" / "int8.json"
-    gpu = raw.read_text().replace('"device": "cpu"', '"device": "gpu"').replace('"entry": "int8"', '"entry": "int8-gpu"')
-    (run_a / "raw" / "int8-gpu.json").write_text(gpu)
-    text = report.write_report(run_a, plots=False)
-    assert "## GPU: 100 documents per request" in text
-    assert "## CPU: 100 documents per request" in text
-
-
-def test_slo_search_steps_become_a_latency_load_curve(run_a: Path) -> None:
-    report.write_report(run_a, plots=False)
-    curve = report.slo_curve_frame(report.load_run(run_a))
-    baseline = curve[curve["entry"] == "baseline"].sort_values("rate_per_s")
-    assert list(baseline["rate_per_s"]) == [45.0, 90.0, 180.0]
-    assert list(baseline["meets_slo"]) == [True, True, False]
-    assert len((run_a / "slo_steps.csv").read_text().splitlines()) == 1 + 6
-
-
-def test_readme_headline_block_is_replaced_and_the_rest_kept(run_a: Path, tmp_path: Path) -> None:
+def test_readme_headline_block_is_replaced_and_the_rest_kept(run: Path, tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n{report.README_START}\nold figures\n{report.README_END}\nafter\n")
-    report.update_readme(run_a, readme)
+    assert report.main([str(run), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old figures" not in text and text.startswith("# title\n\nbefore\n") and text.endswith("after\n")
-    assert report.headline_table(run_a) in text
+    assert report.headline_table(run) in text
+    assert "**CPU, 100 documents per request**" in text and "max req/s at SLO" in text
+    assert _header(text) == ["optimization", "samples", "p50 ms", "p99 ms", "req/s", "goodput/s", "errors",
+                             "degraded", "max req/s at SLO", "NDCG@10 kept", "speedup"]
     readme.write_text("# no block\n")
     with pytest.raises(ValueError, match="headline"):
-        report.update_readme(run_a, readme)
+        report.update_readme(run, readme)
+
+
+def test_a_run_from_before_records_still_reports(tmp_path: Path) -> None:
+    """Old raw files (no histogram, old SLO keys) load through the records' from_dict."""
+    old = Path(shutil.copytree(FIXTURES / "run-a", tmp_path / "run-a"))
+    summary = report.summary_frame(report.load_run(old))
+    row = _row(summary, "int8")
+    assert row["p99"] == pytest.approx(11.0) and not bool(row["merged"])  # the trials' median, said so
+    assert _row(summary, "cache")["slo_status"] == "LOWER-BOUND"  # the old "VALID"
+    assert "saved no histogram" in report.write_report(old, plots=False)

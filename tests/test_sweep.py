@@ -1,6 +1,6 @@
-"""The sweep: its YAML schema (good and bad files), the service command lines, core planning, resume
-(with a stubbed entry runner: pure logic), and one short end-to-end sweep against the real baseline
-server (slow)."""
+"""The sweep: its YAML schema (good and bad files, the options each server kind takes, GPU entries
+refused), the service command lines, core planning, resume (with a stubbed entry runner: pure logic),
+and one short end-to-end sweep against the real baseline server (slow)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,19 @@ from pathlib import Path
 import pytest
 
 from loadtest import sweep as sw
-
-SWEEPS = Path(sw.__file__).parent / "sweeps"
+from loadtest.records import STATUSES, EntryRecord
+from loadtest.services import (
+    SERVICES,
+    ServiceStartError,
+    plan_cores,
+    port_open,
+    service_command,
+    service_environment,
+)
+from loadtest.sweep_config import SWEEPS_DIR as SWEEPS
+from loadtest.sweep_config import VARIANT_NAMES, Entry, ServiceSpec, Sweep, SweepFileError, load_sweep
+from models.paths import REPO_ROOT
+from serve.config import ServiceConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -33,7 +44,7 @@ entries:
     service: {server: baseline, variant: torch-eager}
     slo_search: true
   - name: int8
-    service: {server: ray, variant: onnx-int8-dynamic, batching: false}
+    service: {server: ray, variant: onnx-int8-dynamic, batching: false, cache: false}
   - name: batching
     base: int8
     service: {batching: true, max_batch_docs: 2048}
@@ -47,7 +58,7 @@ entries:
 # ---------------------------------------------------------------------------------------------- schema
 @pytest.mark.parametrize("profile", ["quick", "full"])
 def test_shipped_profiles_are_valid_ladders(profile: str) -> None:
-    sweep = sw.load_sweep(SWEEPS / f"{profile}.yaml")
+    sweep = load_sweep(SWEEPS / f"{profile}.yaml")
     assert sweep.name == profile
     assert sweep.baseline_entry() == "baseline"
     assert {100, 1000} <= set(sweep.list_sizes)
@@ -65,7 +76,7 @@ def test_shipped_profiles_are_valid_ladders(profile: str) -> None:
 
 
 def test_full_profile_has_every_ladder_step_and_isolated_effects() -> None:
-    sweep = sw.load_sweep(SWEEPS / "full.yaml")
+    sweep = load_sweep(SWEEPS / "full.yaml")
     variants = {e.service.variant for e in sweep.entries}
     assert {"torch-eager", "onnx-fp32", "onnx-fp32-opt", "onnx-int8-dynamic"} <= variants
     assert any(e.service.encoding == "feature-store" for e in sweep.entries)
@@ -73,7 +84,7 @@ def test_full_profile_has_every_ladder_step_and_isolated_effects() -> None:
 
 
 def test_base_inherits_the_service_and_overrides_fields(tmp_path: Path) -> None:
-    sweep = sw.load_sweep(write(tmp_path, GOOD))
+    sweep = load_sweep(write(tmp_path, GOOD))
     by_name = {e.name: e for e in sweep.entries}
     msgpack = by_name["msgpack"].service
     assert (msgpack.server, msgpack.variant, msgpack.batching, msgpack.max_batch_docs, msgpack.encoding) == (
@@ -99,14 +110,16 @@ def test_base_inherits_the_service_and_overrides_fields(tmp_path: Path) -> None:
     ("name: [unclosed\n", "not valid YAML"),
 ])
 def test_bad_files_give_a_clear_error_naming_the_field(tmp_path: Path, text: str, expected: str) -> None:
-    with pytest.raises(sw.SweepFileError) as error:
-        sw.load_sweep(write(tmp_path, text))
+    with pytest.raises(SweepFileError) as error:
+        load_sweep(write(tmp_path, text))
     assert expected in str(error.value)
     assert str(tmp_path / "sweep.yaml") in str(error.value)
 
 
 def test_cli_reports_a_bad_file_and_exits_2(tmp_path: Path) -> None:
-    bad = write(tmp_path, GOOD.replace("replicas", "replica").replace("batching: false}", "batching: false, replica: 2}"))
+    text = GOOD.replace("batching: false, cache: false}", "batching: false, cache: false, replica: 2}")
+    assert text != GOOD  # a valid file would start services
+    bad = write(tmp_path, text)
     done = subprocess.run([sys.executable, sw.__file__, "--sweep", str(bad), "--out", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
@@ -114,11 +127,85 @@ def test_cli_reports_a_bad_file_and_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def test_gpu_entries_are_refused_naming_the_field(tmp_path: Path) -> None:
+    text = GOOD + "  - name: int8-gpu\n    base: int8\n    service: {device: gpu}\n"
+    with pytest.raises(SweepFileError) as error:
+        load_sweep(write(tmp_path, text))
+    assert "entries.4.service.device" in str(error.value)
+    assert "GPU serving entries are not supported by serve/ yet" in str(error.value)
+    assert load_sweep(write(tmp_path, GOOD.replace("batching: true,", "device: cpu, batching: true,")))
+
+
+@pytest.mark.parametrize(("service", "expected"), [
+    ("{server: baseline, batching: true}", "batching: not for server 'baseline'"),
+    ("{server: baseline, cache: true, replicas: 2}", "cache, replicas: not for server 'baseline'"),
+    ("{server: uvicorn, max_batch_docs: 512}", "max_batch_docs: not for server 'uvicorn'"),
+    ("{server: uvicorn, ingress: haproxy}", "ingress: not for server 'uvicorn'"),
+    # a ServiceConfig field that no server's command line takes
+    ("{server: ray, redis_timeout_s: 0.2}", "redis_timeout_s: not for server 'ray'"),
+    # the sweep reaches every service at http://127.0.0.1:<port>/ and starts its own Ray
+    ("{server: ray, route_prefix: /v1}", "route_prefix: not for server 'ray'"),
+])
+def test_an_option_the_server_kind_does_not_take_is_an_error_naming_it(tmp_path: Path, service: str,
+                                                                       expected: str) -> None:
+    text = GOOD.replace("{server: baseline, variant: torch-eager}", service)
+    with pytest.raises(SweepFileError) as error:
+        load_sweep(write(tmp_path, text))
+    assert "entries.0.service" in str(error.value) and expected in str(error.value)
+
+
+def test_an_option_inherited_from_a_base_of_another_kind_is_checked_too(tmp_path: Path) -> None:
+    text = GOOD + "  - name: plain\n    base: batching\n    service: {server: uvicorn}\n"
+    with pytest.raises(SweepFileError, match="batch_wait_ms|batching"):
+        load_sweep(write(tmp_path, text))
+    # The kind's own values are no error: the baseline server never batches, and runs one replica.
+    spec = ServiceSpec(server="baseline", batching=False, replicas=1, cache=False)
+    assert (spec.batching, spec.cache, spec.port) == (False, False, 8001)
+
+
+def test_service_spec_fields_come_from_service_config() -> None:
+    assert issubclass(ServiceSpec, ServiceConfig)
+    own = set(ServiceSpec.model_fields) - set(ServiceConfig.model_fields)
+    assert own == {"server", "encoding", "device"}
+    # A ServiceConfig field the spec does not declare is accepted and reaches the command line.
+    spec = ServiceSpec(server="ray", deadline_ms=250, cache_ttl_s=60)
+    command = service_command(spec)
+    assert command[command.index("--deadline-ms") + 1] == "250.0"
+    assert command[command.index("--cache-ttl-s") + 1] == "60.0"
+    # Each kind's defaults: ServiceConfig's for Ray Serve; no batching and no cache on plain uvicorn.
+    assert (ServiceSpec().batching, ServiceSpec().cache, ServiceSpec().port) == (True, True, 8000)
+    assert (ServiceSpec(server="uvicorn").batching, ServiceSpec(server="uvicorn").port) == (False, 8002)
+    for kind in SERVICES.values():
+        assert set(kind.options) <= set(ServiceConfig.model_fields)
+
+
+def test_variant_names_are_the_exports() -> None:
+    from export.variants import VARIANTS
+
+    assert VARIANT_NAMES == tuple(VARIANTS)
+
+
+@pytest.mark.parametrize("profile", ["quick", "full"])
+def test_a_dumped_sweep_reloads_to_the_same_sweep(profile: str) -> None:
+    sweep = load_sweep(SWEEPS / f"{profile}.yaml")
+    assert Sweep.model_validate(sweep.model_dump(mode="json")) == sweep
+    baseline = next(e for e in sweep.entries if e.service.server == "baseline").service.model_dump()
+    assert "replicas" not in baseline and baseline["batching"] is False  # only what the kind takes or sets
+
+
+def test_null_means_the_kinds_default(tmp_path: Path) -> None:
+    """Run folders written before ServiceSpec extended ServiceConfig hold `port: null` and the like."""
+    text = GOOD.replace("{server: baseline, variant: torch-eager}",
+                        "{server: baseline, variant: torch-eager, port: null, max_batch_docs: null, replicas: 1}")
+    spec = load_sweep(write(tmp_path, text)).entries[0].service
+    assert (spec.port, spec.max_batch_docs) == (8001, ServiceConfig().max_batch_docs)
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def test_service_commands_map_every_option() -> None:
-    ray = sw.ServiceSpec(server="ray", variant="onnx-fp32", batching=True, max_batch_docs=512, batch_wait_ms=1.5,
+    ray = ServiceSpec(server="ray", variant="onnx-fp32", batching=True, max_batch_docs=512, batch_wait_ms=1.5,
                          cache=True, ingress="haproxy", replicas=2, threads=3, model="mlp-x")
-    command = sw.service_command(ray)
+    command = service_command(ray)
     assert command[1].endswith("serve/run.py")
     for flag in (["--variant", "onnx-fp32"], ["--replicas", "2"], ["--threads", "3"], ["--ingress", "haproxy"],
                  ["--max-batch-docs", "512"], ["--batch-wait-ms", "1.5"], ["--model", "mlp-x"],
@@ -126,26 +213,49 @@ def test_service_commands_map_every_option() -> None:
         i = command.index(flag[0])
         assert command[i:i + 2] == flag
     assert "--batching" in command and "--cache" in command
-    assert "--no-cache" in sw.service_command(sw.ServiceSpec(cache=False))
-    baseline = sw.service_command(sw.ServiceSpec(server="baseline", variant="torch-eager"))
+    assert "--no-cache" in service_command(ServiceSpec(cache=False))
+    baseline = service_command(ServiceSpec(server="baseline", variant="torch-eager"))
     assert baseline[1].endswith("serve/baseline.py") and baseline[2:] == [
         "--port", "8001", "--variant", "torch-eager", "--threads", "1"]
-    env = sw.service_environment(ray, "redis://127.0.0.1:1/0")
+    env = service_environment(ray, "redis://127.0.0.1:1/0")
     assert env["REDIS_URL"] == "redis://127.0.0.1:1/0" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
+def test_each_command_line_parses_back_to_the_spec_in_its_server() -> None:
+    """The flags are the servers' own: their parsers rebuild the same ServiceConfig from them."""
+    from serve import baseline as baseline_server
+    from serve import run as ray_server
+
+    ray = ServiceSpec(server="ray", variant="onnx-fp32", model="mlp-x", batching=False, max_batch_docs=512,
+                      batch_wait_ms=0.5, inference_workers=2, max_ongoing_requests=9, cache=False, cache_ttl_s=9,
+                      feature_dataset="other", replicas=3, ingress_replicas=2, threads=2, ingress="haproxy",
+                      port=8100, num_cpus=2, deadline_ms=99, max_docs=50, max_body_bytes=4096,
+                      manifest_path="/tmp/m.json")
+    parsed = ray_server.parse_args(service_command(ray)[2:])
+    for name in SERVICES["ray"].options:
+        assert getattr(parsed, name) == getattr(ray, name), name
+    for kind, parse_mode in (("baseline", "naive"), ("uvicorn", "fast")):
+        cache = {"cache": True} if kind == "uvicorn" else {}
+        spec = ServiceSpec(server=kind, variant="onnx-fp32", model="mlp-x", threads=2, port=8101, deadline_ms=99,
+                           max_docs=50, max_body_bytes=4096, feature_dataset="other", **cache)
+        parsed, mode = baseline_server.parse_args(service_command(spec)[2:])
+        assert mode == parse_mode and parsed.batching is False
+        for name in SERVICES[kind].options:
+            assert getattr(parsed, name) == getattr(spec, name), (kind, name)
+
+
 def test_cores_are_split_between_service_and_load_generator() -> None:
-    two = sw.plan_cores([0, 1])
+    two = plan_cores([0, 1])
     assert two["pinned"] and two["service_cores"] == [0] and two["loadgen_cores"] == [1]
-    eight = sw.plan_cores(list(range(8)))
+    eight = plan_cores(list(range(8)))
     assert eight["service_cores"] == [0, 1, 2, 3] and eight["loadgen_cores"] == [4, 5, 6, 7]
-    assert not sw.plan_cores([0])["pinned"]
-    command = sw.service_command(sw.ServiceSpec(server="baseline"), two)
+    assert not plan_cores([0])["pinned"]
+    command = service_command(ServiceSpec(server="baseline"), two)
     assert command[:3] == ["taskset", "-c", "0"]
 
 
 def test_plan_lists_every_entry_with_a_time_estimate() -> None:
-    sweep = sw.load_sweep(SWEEPS / "quick.yaml")
+    sweep = load_sweep(SWEEPS / "quick.yaml")
     text = sw.plan_text(sweep)
     for entry in sweep.entries:
         assert f"  {entry.name} " in text
@@ -163,19 +273,19 @@ class StubRunner:
         self.ran: list[str] = []
         self.fail = fail
 
-    def __call__(self, entry: sw.Entry, ctx: sw.RunContext) -> dict:
+    def __call__(self, entry: Entry, ctx: sw.RunContext) -> dict:
         self.ran.append(entry.name)
         if entry.name in self.fail:
-            raise sw.ServiceStartError("stub: did not start")
+            raise ServiceStartError("stub: did not start")
         return {"entry": entry.name, "service": entry.service.model_dump(), "trials": [], "slo": []}
 
 
-def _run(sweep: sw.Sweep, run_dir: Path, runner: StubRunner) -> dict[str, str]:
+def _run(sweep: Sweep, run_dir: Path, runner: StubRunner) -> dict[str, str]:
     return sw.run_sweep(sweep, run_dir, entry_runner=runner, show_progress=False, build_payloads=False, pin=False)
 
 
 def test_resume_skips_entries_whose_raw_file_exists(tmp_path: Path) -> None:
-    sweep = sw.load_sweep(write(tmp_path, GOOD))
+    sweep = load_sweep(write(tmp_path, GOOD))
     run_dir = tmp_path / "run"
     first = StubRunner(fail=frozenset({"batching"}))
     status = _run(sweep, run_dir, first)
@@ -187,7 +297,7 @@ def test_resume_skips_entries_whose_raw_file_exists(tmp_path: Path) -> None:
 
     # Resume: only the failed entry runs again; its error file goes once it is recorded.
     second = StubRunner()
-    status = _run(sw.load_sweep(run_dir / "sweep.yaml"), run_dir, second)
+    status = _run(load_sweep(run_dir / "sweep.yaml"), run_dir, second)
     assert second.ran == ["batching"]
     assert status["baseline"] == "skipped (already recorded)" and status["batching"] == "done"
     assert not (run_dir / "raw" / "batching.error.json").exists()
@@ -199,23 +309,13 @@ def test_resume_skips_entries_whose_raw_file_exists(tmp_path: Path) -> None:
 
 
 def test_environment_records_the_pinning(tmp_path: Path) -> None:
-    sweep = sw.load_sweep(write(tmp_path, GOOD))
+    sweep = load_sweep(write(tmp_path, GOOD))
     before = os.sched_getaffinity(0)
     sw.run_sweep(sweep, tmp_path / "run", entry_runner=StubRunner(), show_progress=False, build_payloads=False)
     assert os.sched_getaffinity(0) == before  # the test process gets its cores back
     env = json.loads((tmp_path / "run" / "environment.json").read_text())
-    assert env["pinning"] == sw.plan_cores(sorted(before))
+    assert env["pinning"] == plan_cores(sorted(before))
     assert env["device"] in ("cpu", "gpu") and "cpu" in env and "libraries" in env
-
-
-def test_gpu_entries_are_skipped_without_a_gpu(tmp_path: Path) -> None:
-    text = GOOD + "  - name: int8-gpu\n    base: int8\n    service: {device: gpu}\n"
-    sweep = sw.load_sweep(write(tmp_path, text))
-    runner = StubRunner()
-    status = _run(sweep, tmp_path / "run", runner)
-    env = json.loads((tmp_path / "run" / "environment.json").read_text())
-    if not env["gpu"]:
-        assert status["int8-gpu"] == "skipped (no GPU)" and "int8-gpu" not in runner.ran
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -233,7 +333,7 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
     env = {**os.environ, "RANKSERVE_ARTIFACTS": str(root)}
     done = subprocess.run(
-        [sys.executable, str(sw.REPO_ROOT / "export" / "quantize.py"), "--arch", "mlp", "--variants", "torch-eager",
+        [sys.executable, str(REPO_ROOT / "export" / "quantize.py"), "--arch", "mlp", "--variants", "torch-eager",
          "--skip-bench", "--train-seconds", "5", "--results-dir", str(root / "tables")],
         env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -253,7 +353,8 @@ list_sizes: [10]
 n_queries: 4
 start_timeout_s: 120
 stop_timeout_s: 15
-slo: {{p99_ms: 1000, list_sizes: [10], profile: quick, min_duration_s: 1, min_queries: 5, max_steps: 2,
+slo: {{p99_ms: 1000, list_sizes: [10], profile: quick, min_duration_s: 1, min_queries: 5, confidence: 0.04,
+       max_steps: 2,
        time_budget_s: 30, tolerance: 0.5}}
 entries:
   - name: baseline
@@ -271,12 +372,14 @@ entries:
     (run_dir,) = out.iterdir()
     assert run_dir.name.endswith("-e2e")
 
-    record = json.loads((run_dir / "raw" / "baseline.json").read_text())
-    (trial,) = record["trials"]
-    assert trial["requests"] > 0 and trial["failures"] == 0 and trial["list_size"] == 10
-    assert trial["latency_ms"]["p50"] > 0 and trial["server_timings_ms"]["total"] > 0
-    (search,) = record["slo"]
-    assert search["status"] in ("VALID", "INVALID") and search["trials"]
+    record = EntryRecord.load(run_dir / "raw" / "baseline.json")
+    (trial,) = record.trial_records()
+    assert trial.requests > 0 and trial.failures == 0 and trial.degraded == 0 and trial.list_size == 10
+    assert trial.latency_ms["p50"] > 0 and trial.server_timings_ms["total"] > 0
+    assert trial.generator.startswith("Locust") and trial.generator_cpu["utilization"] > 0
+    (search,) = record.slo_results()
+    assert search.status in STATUSES and search.steps and search.entry == "baseline" and search.list_size == 10
+    assert all(step.trial_record.extra["count_based"] for step in search.step_records())
     assert "READY" in (run_dir / "logs" / "baseline.log").read_text()
 
     error = json.loads((run_dir / "raw" / "not-built.error.json").read_text())
@@ -291,4 +394,4 @@ entries:
     assert "pinning" in env_record and env_record["sweep"] == "e2e"
     assert (run_dir / "payloads").exists()  # kept: the run is incomplete and can be resumed
     for used in (port, broken_port):
-        assert not sw._port_open(used)  # every service was stopped
+        assert not port_open(used)  # every service was stopped
