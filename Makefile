@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rankserve-installed
 
-.PHONY: venv lab test bench losses lint clean-artifacts
+.PHONY: venv lab test bench losses lint selftest clean-artifacts
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ lab: venv
 	$(PY) models/train.py --arch mlp --max-seconds 60
 	$(PY) models/train.py --arch attention --max-seconds 90
 	$(PY) export/quantize.py
+	$(PY) loadtest/openloop.py --self-test --seconds-per-step 2
 	$(PY) loadtest/sweep.py --profile quick
+
+# The open-loop load generator's own capacity on this machine: results/loadgen/<cpu>-selftest.md.
+selftest: venv
+	$(PY) loadtest/openloop.py --self-test
 
 test: venv
 	$(PY) -m pytest

