@@ -114,6 +114,7 @@ class TrialRecord(Record):
     latency_hdr: dict[str, Any] | None = None  # LatencyRecorder.to_dict(): rows merge trials exactly
     list_size: int | None = None
     trial: int = 0
+    role: str = "load"  # or "probe": a trial at probe_users (1 connection) for the per-request cost
 
     @property
     def samples(self) -> int:

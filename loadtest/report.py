@@ -66,7 +66,11 @@ def _intro(run: Run) -> list[str]:
         f"search for p99 <= {slo.get('p99_ms', '?')} ms (profile `{slo.get('profile', '?')}`), shown with its "
         "status (below). Requests are distinct queries, except for a cache entry, searched under "
         f"Zipf(s={run.sweep.get('zipf_s', '?')}) repeat traffic as in its cache-mix scenario. Speedup: requests/s "
-        f"over the baseline (`{run.baseline or 'none'}`) at the same list size.", ""]
+        f"over the baseline (`{run.baseline or 'none'}`) at the same list size. p50 @1 conn: the p50 of "
+        f"{run.sweep.get('probe_trials', 1)} more closed-loop trial(s) at {run.sweep.get('probe_users', 1)} user (one "
+        "request at a time: the per-request cost, Locust's own overhead included). Ray cost: a Ray Serve row's "
+        "p50 @1 conn over plain uvicorn's (the `uvicorn` server with the same variant, encoding and cache); req/s "
+        "vs uvicorn: its req/s over uvicorn's.", ""]
 
 
 def summary_markdown(run: Run, summary: pd.DataFrame, breakdown: pd.DataFrame, slo: pd.DataFrame,

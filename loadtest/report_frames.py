@@ -166,13 +166,51 @@ def _row(trials: list[TrialRecord]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _probe(trials: list[TrialRecord]) -> dict[str, Any]:
+    """The per-request cost: p50 and p99 over the probe trials (one request at a time), merged."""
+    if not trials:
+        return {"probe_users": None, "probe_p50": None, "probe_p99": None, "probe_samples": None, "probe_rps": None}
+    latency, _merged = merged_latency(trials)
+    return {"probe_users": trials[0].users, "probe_p50": latency["p50"], "probe_p99": latency["p99"],
+            "probe_samples": latency["count"], "probe_rps": statistics.median(t.rps for t in trials)}
+
+
+def ray_cost(summary: pd.DataFrame, services: dict[str, dict]) -> pd.DataFrame:
+    """Each Ray row against plain uvicorn serving the same variant, encoding and cache setting.
+
+    `ray_cost` = the Ray row's p50 at one connection over uvicorn's (what Ray adds per request);
+    `rps_vs_uvicorn` = its closed-loop req/s over uvicorn's (what Ray costs in throughput).
+    """
+    def key(entry: str) -> tuple:
+        s = services.get(entry, {})
+        return (s.get("variant"), s.get("encoding"), bool(s.get("cache")))
+
+    reference: dict[tuple, pd.Series] = {}
+    for _, row in summary.iterrows():
+        if services.get(row["entry"], {}).get("server") == "uvicorn":
+            reference.setdefault((row["device"], row["list_size"], *key(row["entry"])), row)
+    cost, rps = [], []
+    for _, row in summary.iterrows():
+        ref = reference.get((row["device"], row["list_size"], *key(row["entry"])))
+        ray = services.get(row["entry"], {}).get("server") == "ray"
+        ok = ray and ref is not None
+        cost.append(float(row["probe_p50"] / ref["probe_p50"]) if ok and pd.notna(row["probe_p50"])
+                    and pd.notna(ref["probe_p50"]) and ref["probe_p50"] > 0 else None)
+        rps.append(float(row["rps"] / ref["rps"]) if ok and ref["rps"] > 0 else None)
+    summary["ray_cost"], summary["rps_vs_uvicorn"] = cost, rps
+    return summary
+
+
 def row_frame(run: Run) -> pd.DataFrame:
     """One row per (device, list size, entry, scenario): merged percentiles, trial spread, honesty figures."""
     groups: dict[tuple, list[TrialRecord]] = {}
+    probes: dict[tuple, list[TrialRecord]] = {}
     for entry in run.entries:
         for t in entry.trial_records():
-            groups.setdefault((_device(entry), _list_size(t), entry.entry, t.scenario), []).append(t)
-    rows = [{**dict(zip(KEYS, key, strict=True)), **_row(trials)} for key, trials in groups.items()]
+            key = (_device(entry), _list_size(t), entry.entry, t.scenario)
+            (probes if t.role == "probe" else groups).setdefault(key, []).append(t)
+    rows = [{**dict(zip(KEYS, key, strict=True)), **_row(trials), **_probe(probes.get(key, []))}
+            for key, trials in groups.items()]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -285,6 +323,7 @@ def summary_frame(run: Run) -> pd.DataFrame:
     summary["ndcg10_retention"] = [a["ndcg10_retention"] for a in accuracy]
     summary["size_mb"] = [a["size_mb"] for a in accuracy]
     summary["speedup"] = _speedups(summary, run.baseline, "rps")
+    summary = ray_cost(summary, services)
     summary["slo_speedup"] = _speedups(summary, run.baseline, "usable_rps_under_slo")
     return summary
 

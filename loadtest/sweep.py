@@ -70,7 +70,7 @@ class RunContext:
 def entry_steps(sweep: Sweep, entry: Entry) -> int:
     """Units of progress for one entry: trials x scenarios x sizes, plus SLO searches."""
     sizes = sweep.sizes_of(entry)
-    steps = sweep.trials * len(entry.scenarios) * len(sizes)
+    steps = (sweep.trials * len(entry.scenarios) + sweep.probe_trials) * len(sizes)
     if entry.slo_search:
         steps += len([n for n in sweep.slo.list_sizes if n in sizes])
     return steps
@@ -104,6 +104,15 @@ def run_entry(entry: Entry, ctx: RunContext) -> EntryRecord:
                     result.trial, result.list_size, result.users = trial, n_docs, sweep.users
                     record.trials.append(result.to_dict())
                     ctx.advance(f"{entry.name} {n_docs} docs {scenario} #{trial + 1}")
+            for probe in range(sweep.probe_trials):  # the per-request cost: one request at a time
+                scenario = entry.scenarios[0]
+                result = runner.run_closed_loop(service.url, str(payload_file), sweep.probe_users,
+                                                sweep.trial_duration_s, scenario,
+                                                str(trial_dir / f"{n_docs}-{scenario}-probe{probe}"),
+                                                zipf_s=sweep.zipf_s, cpus=loadgen_cpus, slo_ms=sweep.slo.p99_ms)
+                result.trial, result.list_size, result.users, result.role = probe, n_docs, sweep.probe_users, "probe"
+                record.trials.append(result.to_dict())
+                ctx.advance(f"{entry.name} {n_docs} docs at {sweep.probe_users} user(s) #{probe + 1}")
             if entry.slo_search and n_docs in sweep.slo.list_sizes:
                 trials = [t for t in record.trial_records() if t.list_size == n_docs]
                 record.slo.append(search_slo(entry, ctx, service.url, n_docs, payload_file, trials).to_dict())
@@ -276,10 +285,10 @@ def plan_text(sweep: Sweep) -> str:
     for entry in sweep.entries:
         sizes = sweep.sizes_of(entry)
         start = costs["ray_start" if entry.service.server == "ray" else "baseline_start"] + costs["stop"]
-        trials = sweep.trials * len(entry.scenarios) * len(sizes)
+        trials = (sweep.trials * len(entry.scenarios) + sweep.probe_trials) * len(sizes)
         seconds = start + len(sizes) * sweep.warmup_s + trials * (sweep.trial_duration_s + costs["trial_overhead"])
         searches = len([n for n in sweep.slo.list_sizes if n in sizes]) if entry.slo_search else 0
-        slo_step = sweep.slo.min_duration_s + costs["slo_step_overhead"]
+        slo_step = sweep.slo.resolved()["min_duration_s"] + costs["slo_step_overhead"]
         seconds += searches * min(sweep.slo.time_budget_s + slo_step, sweep.slo.max_steps * slo_step)
         total += seconds
         lines.append(f"  {entry.name:<18} {trials:>3} trials, {searches} SLO search(es), ~{seconds:,.0f} s: "

@@ -165,6 +165,10 @@ class Sweep(BaseModel):
     trial_duration_s: float = Field(4.0, gt=0)
     warmup_s: float = Field(2.0, ge=0)
     users: int = Field(8, ge=1)
+    # The per-request cost: `probe_trials` more closed-loop trials at `probe_users` users (1: one
+    # connection, one request at a time) per entry and list size; the report's "p50 @1 conn" column.
+    probe_users: int = Field(1, ge=1)
+    probe_trials: int = Field(1, ge=0)
     zipf_s: float = Field(1.1, gt=0)
     list_sizes: list[int] = Field(default_factory=lambda: [100, 1000], min_length=1)
     n_queries: int = Field(64, ge=1)

@@ -208,8 +208,8 @@ def test_readme_headline_block_is_replaced_and_the_rest_kept(run: Path, tmp_path
     assert "old figures" not in text and text.startswith("# title\n\nbefore\n") and text.endswith("after\n")
     assert report.headline_table(run) in text
     assert "**CPU, 100 documents per request**" in text and "max req/s at SLO" in text
-    assert _header(text) == ["optimization", "samples", "p50 ms", "p99 ms", "req/s", "goodput/s", "errors",
-                             "degraded", "max req/s at SLO", "NDCG@10 kept", "speedup"]
+    assert _header(text) == ["optimization", "samples", "p50 ms", "p99 ms", "req/s", "goodput/s", "p50 @1 conn",
+                             "Ray cost", "errors", "degraded", "max req/s at SLO", "NDCG@10 kept", "speedup"]
     readme.write_text("# no block\n")
     with pytest.raises(ValueError, match="headline"):
         report.update_readme(run, readme)
@@ -223,3 +223,28 @@ def test_a_run_from_before_records_still_reports(tmp_path: Path) -> None:
     assert row["p99"] == pytest.approx(11.0) and not bool(row["merged"])  # the trials' median, said so
     assert _row(summary, "cache")["slo_status"] == "LOWER-BOUND"  # the old "VALID"
     assert "saved no histogram" in report.write_report(old, plots=False)
+
+
+def test_one_connection_probe_and_ray_cost_against_plain_uvicorn(tmp_path: Path) -> None:
+    uvicorn_service = {"server": "uvicorn", "variant": "onnx-int8-dynamic", "device": "cpu", "encoding": "json"}
+
+    def probe(median_ms: float, seed: int):  # noqa: ANN202
+        t = trial(latencies(500, median_ms, seed=seed), rps=1000.0 / median_ms)
+        t.role, t.users = "probe", 1
+        return t
+
+    ray = entry("int8", [trial(latencies(300, 20.0, seed=1), rps=400.0), probe(1.5, 2)])
+    plain = entry("uvicorn-int8", [trial(latencies(300, 4.0, seed=3), rps=1600.0), probe(0.75, 4)],
+                  service=uvicorn_service)
+    path = write_run(tmp_path / "run", [entry("baseline", [trial(latencies(300, 30.0), rps=100.0)]), ray, plain])
+    summary = report.summary_frame(report.load_run(path))
+    # probe trials make no row of their own, only the one-connection column
+    assert len(summary) == 3 and summary["probe_p50"].notna().sum() == 2
+    row, ref = _row(summary, "int8"), _row(summary, "uvicorn-int8")
+    assert row["probe_p50"] == pytest.approx(1.5, rel=0.05) and ref["probe_p50"] == pytest.approx(0.75, rel=0.05)
+    assert row["ray_cost"] == pytest.approx(row["probe_p50"] / ref["probe_p50"])
+    assert row["rps_vs_uvicorn"] == pytest.approx(400.0 / 1600.0)
+    assert pd.isna(ref["ray_cost"]) and pd.isna(_row(summary, "baseline")["ray_cost"])  # Ray rows only
+    text = report.write_report(path, plots=False)
+    assert {"p50 @1 conn", "Ray cost", "req/s vs uvicorn"} <= set(_header(text))
+    assert f"{row['ray_cost']:.2f}x" in _table_line(text, "int8")

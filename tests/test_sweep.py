@@ -93,8 +93,9 @@ def test_base_inherits_the_service_and_overrides_fields(tmp_path: Path) -> None:
         "ray", "onnx-int8-dynamic", True, 2048, "msgpack")
     assert by_name["int8"].service.batching is False  # the base itself is untouched
     assert by_name["baseline"].scenarios == ["steady"]
-    assert sw.entry_steps(sweep, by_name["msgpack"]) == 2 * 2 * 2
-    assert sw.entry_steps(sweep, by_name["baseline"]) == 2 * 2 + 1  # + the SLO search at 100 docs
+    # trials x scenarios + one probe trial (one connection), per list size
+    assert sw.entry_steps(sweep, by_name["msgpack"]) == (2 * 2 + 1) * 2
+    assert sw.entry_steps(sweep, by_name["baseline"]) == (2 + 1) * 2 + 1  # + the SLO search at 100 docs
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -174,8 +175,11 @@ def test_service_spec_fields_come_from_service_config() -> None:
     command = service_command(spec)
     assert command[command.index("--deadline-ms") + 1] == "250.0"
     assert command[command.index("--cache-ttl-s") + 1] == "60.0"
-    # Each kind's defaults: ServiceConfig's for Ray Serve; no batching and no cache on plain uvicorn.
-    assert (ServiceSpec().batching, ServiceSpec().cache, ServiceSpec().port) == (True, True, 8000)
+    # Each kind's defaults: ServiceConfig's for Ray Serve (colocated, so unbatched); no batching and no
+    # cache on plain uvicorn.
+    assert (ServiceSpec().topology, ServiceSpec().batching, ServiceSpec().cache, ServiceSpec().port) == (
+        "colocated", False, True, 8000)
+    assert ServiceSpec(topology="split").batching is True
     assert (ServiceSpec(server="uvicorn").batching, ServiceSpec(server="uvicorn").port) == (False, 8002)
     for kind in SERVICES.values():
         assert set(kind.options) <= set(ServiceConfig.model_fields)
@@ -227,20 +231,22 @@ def test_each_command_line_parses_back_to_the_spec_in_its_server() -> None:
     """The flags are the servers' own: their parsers rebuild the same ServiceConfig from them."""
     from serve import baseline as baseline_server
     from serve import run as ray_server
+    from serve import uvicorn_server
 
-    ray = ServiceSpec(server="ray", variant="onnx-fp32", model="mlp-x", batching=False, max_batch_docs=512,
-                      batch_wait_ms=0.5, inference_workers=2, max_ongoing_requests=9, cache=False, cache_ttl_s=9,
-                      feature_dataset="other", replicas=3, ingress_replicas=2, threads=2, ingress="haproxy",
-                      port=8100, num_cpus=2, deadline_ms=99, max_docs=50, max_body_bytes=4096,
-                      manifest_path="/tmp/m.json")
+    ray = ServiceSpec(server="ray", variant="onnx-fp32", model="mlp-x", topology="split", batching=False,
+                      max_batch_docs=512, batch_wait_ms=0.5, inference_workers=2, max_ongoing_requests=9, cache=False,
+                      cache_ttl_s=9, feature_dataset="other", replicas=3, autoscaling_max_replicas=4,
+                      ingress_replicas=2, threads=2, ingress="haproxy", port=8100, num_cpus=2, deadline_ms=99,
+                      max_docs=50, max_body_bytes=4096, manifest_path="/tmp/m.json")
     parsed = ray_server.parse_args(service_command(ray)[2:])
     for name in SERVICES["ray"].options:
         assert getattr(parsed, name) == getattr(ray, name), name
-    for kind, parse_mode in (("baseline", "naive"), ("uvicorn", "fast")):
+    for kind, server, parse_mode in (("baseline", baseline_server, "naive"), ("uvicorn", uvicorn_server, "fast")):
         cache = {"cache": True} if kind == "uvicorn" else {}
         spec = ServiceSpec(server=kind, variant="onnx-fp32", model="mlp-x", threads=2, port=8101, deadline_ms=99,
                            max_docs=50, max_body_bytes=4096, feature_dataset="other", **cache)
-        parsed, mode = baseline_server.parse_args(service_command(spec)[2:])
+        assert service_command(spec)[1].endswith(f"serve/{server.__name__.rsplit('.', 1)[1]}.py")
+        parsed, mode = server.parse_args(service_command(spec)[2:])
         assert mode == parse_mode and parsed.batching is False
         for name in SERVICES[kind].options:
             assert getattr(parsed, name) == getattr(spec, name), (kind, name)
@@ -375,7 +381,8 @@ entries:
     assert run_dir.name.endswith("-e2e")
 
     record = EntryRecord.load(run_dir / "raw" / "baseline.json")
-    (trial,) = record.trial_records()
+    trial, probe = record.trial_records()  # trials: 1, then the one-connection probe
+    assert trial.role == "load" and trial.users == 2 and probe.role == "probe" and probe.users == 1
     assert trial.requests > 0 and trial.failures == 0 and trial.degraded == 0 and trial.list_size == 10
     assert trial.latency_ms["p50"] > 0 and trial.server_timings_ms["total"] > 0
     assert trial.generator.startswith("Locust") and trial.generator_cpu["utilization"] > 0
