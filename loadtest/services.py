@@ -163,9 +163,10 @@ class BaselineServer(Service):
 
 
 class UvicornServer(Service):
-    """The same plain uvicorn server with the Ray app's parser and an optional cache: isolates Ray's cost."""
+    """serve/uvicorn_server.py: the Ray app's own FastAPI app on plain uvicorn (fast parser, optional
+    cache), an ONNX variant scored in-process: isolates Ray's cost."""
 
-    script = "baseline.py"
+    script = "uvicorn_server.py"
     options = (*_BASELINE_OPTIONS, "cache", "cache_ttl_s")
     always = ("port", "variant", "threads")
     defaults = {"batching": False, "cache": False, "port": 8002}
@@ -173,14 +174,15 @@ class UvicornServer(Service):
 
 
 class RayServe(Service):
-    """serve/run.py: the ranking app on Ray Serve (batching, cache, replicas, HAProxy ingress)."""
+    """serve/run.py: the ranking app on Ray Serve (topology, batching, cache, replicas, HAProxy ingress)."""
 
     script = "run.py"
-    options = ("variant", "model", "manifest_path", "max_batch_docs", "batch_wait_ms", "inference_workers",
-               "max_ongoing_requests", "batching", "cache", "cache_ttl_s", "feature_dataset", "replicas",
-               "ingress_replicas", "threads", "ingress", "port", "num_cpus", "deadline_ms", "max_docs",
-               "max_body_bytes")
-    always = ("variant", "port", "batching", "cache", "replicas", "threads", "ingress")
+    options = ("variant", "model", "manifest_path", "topology", "max_batch_docs", "batch_wait_ms",
+               "inference_workers", "max_ongoing_requests", "batching", "cache", "cache_ttl_s", "feature_dataset",
+               "replicas", "max_replicas_per_node", "autoscaling_max_replicas", "ingress_replicas", "threads", "ingress",
+               "port", "num_cpus",
+               "deadline_ms", "max_docs", "max_body_bytes")
+    always = ("variant", "topology", "port", "batching", "cache", "replicas", "threads", "ingress")
 
     def environment(self, redis_url: str | None) -> dict[str, str]:
         env = super().environment(redis_url)

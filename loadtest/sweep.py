@@ -4,7 +4,7 @@ Why a runner of its own: a latency figure is only worth comparing when every opt
 measured the same way, on the same payloads, with the load generator kept off the service's cores,
 several times, and with the machine recorded. This module orchestrates a run: for each entry of the
 sweep file (loadtest.sweep_config) it starts the service (loadtest.services: `serve/run.py` or
-`serve/baseline.py`), warms it up on the run's payloads (loadtest.run_resources), runs the scenarios
+`serve/baseline.py` or `serve/uvicorn_server.py`), warms it up on the run's payloads (loadtest.run_resources), runs the scenarios
 through `loadtest.runner`, stops it, and writes one raw JSON file per entry into
 `results/runs/<UTC timestamp>-<profile>/raw/`; `loadtest/report.py` turns the folder into tables
 and plots. A run resumes after an interruption (`--resume RUN_DIR`): entries whose raw file exists

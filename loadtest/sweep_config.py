@@ -34,16 +34,16 @@ VARIANT_NAMES = ("torch-eager", "onnx-fp32", "onnx-fp32-opt", "onnx-int8-dynamic
 Encoding = Literal["json", "compact", "msgpack", "feature-store"]
 Scenario = Literal["steady", "ramp", "spike", "cache-mix", "list-mix"]
 SWEEP_ONLY_FIELDS = ("server", "encoding", "device")
-GPU_REFUSED = ("GPU serving entries are not supported by serve/ yet: neither serve/run.py nor "
-               "serve/baseline.py accepts an execution-provider option, so a GPU entry could only "
+GPU_REFUSED = ("GPU serving entries are not supported by serve/ yet: none of serve/run.py, serve/baseline.py "
+               "and serve/uvicorn_server.py accepts an execution-provider option, so a GPU entry could only "
                "measure the CPU under a GPU label")
 
 
 class ServiceSpec(ServiceConfig):
     """One service configuration: ServiceConfig's fields, the server kind, the request encoding."""
 
-    # baseline: serve/baseline.py as a team writes it first; uvicorn: the same plain uvicorn server
-    # with the Ray app's parser and optional cache, to isolate Ray's cost; ray: serve/run.py.
+    # baseline: serve/baseline.py as a team writes it first; uvicorn: serve/uvicorn_server.py, the Ray
+    # deployment's FastAPI app on plain uvicorn, to isolate Ray's cost; ray: serve/run.py.
     server: ServerKind = "ray"
     encoding: Encoding = "json"  # of the payloads sent to it (loadtest.payloads)
     device: Literal["cpu", "gpu"] = "cpu"

@@ -1,21 +1,37 @@
-"""The Ray Serve application: a FastAPI ingress and a batched ranker deployment.
+"""The Ray Serve application, in one of two topologies (`ServiceConfig.topology`).
 
-- `Ranker` holds one variant from the manifest (its `user_config`: variant, model, threads,
-  batching). `@serve.batch` batches on the total number of documents (`batch_size_fn`), not the
-  number of requests, so a 1000-document list and ten 100-document lists fill a batch alike; a
-  list larger than the batch budget is scored on its own. Inference runs in a dedicated thread
-  (ONNX Runtime releases the GIL), never on the replica's event loop.
-- `Ingress` reads the raw body and runs serve/ranking.py's `RankingCore`: parse, validate, cache,
-  call the ranker under a deadline, sort, fallback.
-- Swapping the model while traffic flows: `POST /admin/model {"variant", "model"}` redeploys the
-  app with a new ranker `user_config`. Deployment versions are pinned (a hash of everything except
-  the user_config), so Serve reconfigures the running replicas in place; a batch already running
-  finishes on the scorer it started with, and every answer names the version that scored it.
+- **colocated** (the default): one deployment, `RankingService`. Each replica parses, reads the
+  cache and the feature store, and scores in-process through serve/ranking.py's `RankingCore`: no
+  handle call, no second hop. It scales by `num_replicas` (`replicas`) or `autoscaling_config`
+  (`replicas` .. `autoscaling_max_replicas`).
+- **split**: an `Ingress` deployment runs the same core and calls a separate batched `Ranker`
+  deployment through a handle. It pays where a separate model stage does: a GPU ranker, or the
+  attention model at large lists, batched across many ingress replicas.
+
+Both HTTP fronts serve the one FastAPI app of serve/http_app.py through `serve.ingress(builder)`:
+the builder runs on each replica and builds the app over that replica's `HttpService`, so Ray, plain
+uvicorn (serve/uvicorn_server.py) and the baseline serve the same routes, written once.
+
+Scoring in a replica (`ReplicaScorer`: the colocated replica, split's ranker): the variant comes from
+the deployment's `user_config` (variant, model, threads, batching); inference runs in a dedicated
+thread pool (ONNX Runtime releases the GIL), never on the replica's event loop. With batching,
+`@serve.batch` batches on the total number of documents (`batch_size_fn`), not the number of
+requests; a list larger than the batch budget is scored on its own; `max_ongoing_requests` is at
+least a full batch of small lists (a batch never fills past the replica's concurrency).
+
+Swapping the model while traffic flows: `POST /admin/model {"variant", "model"}`, on any replica,
+redeploys the app with a new `user_config`. Deployment versions are pinned (a hash of everything
+except the model fields), so Serve reconfigures every running replica in place, and the call returns
+once all have. A batch already running finishes on the scorer it started with, and every answer
+names the version that scored it. The cache key is the model that scores here: in colocated mode
+the replica's own scorer; in split mode the model in the ingress's `user_config` (the version every
+replica agrees on once the swap is done), and an answer is stored under the model that scored it.
 
 `build_app(ServiceConfig)` is what serve/run.py deploys; `app_builder(args)` is the entry point of
 `serve run serve/config.yaml` / `serve deploy`.
 """
 
+from __future__ import annotations
 
 import asyncio
 import hashlib
@@ -28,23 +44,24 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve.config import ServiceConfig
+from serve.config import MODEL_FIELDS, ServiceConfig
+from serve.http_app import HttpService, build_http_app
 from serve.metrics import ServiceMetrics
-from serve.ranking import RankingCore, ScoreOutcome, dumps, score_lists
-from serve.schemas import ModelSwap, RankResponse, Readiness, install_openapi, rank_openapi_extra
+from serve.ranking import ScoreOutcome, model_identity, model_of, score_lists
+from serve.ray_setup import DEPLOYMENT_SHUTDOWN_OPTIONS
 
 logger = logging.getLogger("ray.serve")
 RANKER_FIELDS = frozenset(ServiceConfig().ranker_user_config())
+RELOAD_FIELDS = ("variant", "model", "manifest_path", "threads")  # a change loads the scorer again
 
 
 @dataclass
 class _Item:
-    """One list waiting in the ranker's batch queue."""
+    """One list waiting in a replica's batch queue."""
 
     features: np.ndarray
     arrival: float  # perf_counter() when the replica received it
@@ -66,26 +83,27 @@ def _timed_score(scorer: Any, lists: list[np.ndarray]) -> tuple[float, float, li
     return start, time.perf_counter(), scores
 
 
-def _model_of(scorer: Any) -> dict[str, str]:
+def _name_of(scorer: Any) -> dict[str, str]:
     return {"name": scorer.model, "variant": scorer.variant, "version": scorer.version}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class Ranker:
-    """One model variant; scores lists, batched by document budget when batching is on."""
+class ReplicaScorer:
+    """A scorer in this replica, set (and swapped) by `reconfigure(user_config)`; a ScoringBackend.
 
-    def __init__(self, inference_workers: int = 1) -> None:
+    Scores lists off the event loop in a dedicated thread pool, batched by document budget when
+    `batching` is on. Used by the colocated `RankingService` and by split's `Ranker`.
+    """
+
+    def _start_scoring(self, inference_workers: int) -> None:
         self._executor = ThreadPoolExecutor(inference_workers, thread_name_prefix="rankserve-infer")
         self._scorer: Any = None
-        self._config: dict[str, Any] = {}
+        self._scoring_config: dict[str, Any] = {}
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Load (or swap to) the variant in `config`; requests keep flowing on the old scorer meanwhile."""
         from export.runtime import load_scorer
 
-        if self._scorer is None or any(
-            config.get(k) != self._config.get(k) for k in ("variant", "model", "manifest_path", "threads")
-        ):
+        if self._scorer is None or any(config.get(k) != self._scoring_config.get(k) for k in RELOAD_FIELDS):
             scorer = await asyncio.to_thread(
                 load_scorer,
                 config["variant"],
@@ -94,25 +112,30 @@ class Ranker:
                 manifest_path=config.get("manifest_path"),
             )
             self._scorer = scorer  # one assignment: a running batch keeps its own reference
-            logger.info("ranker now serves %s", _model_of(scorer))
+            logger.info("now serving %s", _name_of(scorer))
         self._score_batch.set_max_batch_size(int(config["max_batch_docs"]))
         self._score_batch.set_batch_wait_timeout_s(float(config["batch_wait_ms"]) / 1000)
-        self._config = dict(config)
+        self._scoring_config = dict(config)
 
-    async def info(self) -> dict[str, Any]:
+    async def model_info(self) -> dict[str, Any]:
         scorer = self._scorer
-        return {**_model_of(scorer), "n_features": scorer.n_features, "pointwise": scorer.pointwise}
+        if scorer is None:
+            raise RuntimeError("no model loaded yet")
+        return model_of(scorer)
+
+    async def probe(self) -> dict[str, Any]:
+        return await self.model_info()
 
     async def score(self, features: np.ndarray) -> ScoreOutcome:
         arrival = time.perf_counter()
-        if self._config.get("batching") and len(features) <= self._config["max_batch_docs"]:
+        if self._scoring_config.get("batching") and len(features) <= self._scoring_config["max_batch_docs"]:
             return await self._score_batch(_Item(features, arrival))
         scorer = self._scorer
         loop = asyncio.get_running_loop()
         start, end, scores = await loop.run_in_executor(self._executor, _timed_score, scorer, [features])
         return ScoreOutcome(
             scores=scores[0],
-            model=_model_of(scorer),
+            model=_name_of(scorer),
             queue_ms=(start - arrival) * 1000,
             inference_ms=(end - start) * 1000,
             batch_docs=len(features),
@@ -127,7 +150,7 @@ class Ranker:
         start, end, scores = await loop.run_in_executor(
             self._executor, _timed_score, scorer, [item.features for item in items]
         )
-        model = _model_of(scorer)
+        model = _name_of(scorer)
         n_docs = _docs_in(items)
         return [
             ScoreOutcome(
@@ -143,151 +166,147 @@ class Ranker:
         ]
 
 
-fastapi_app = FastAPI(
-    title="rankserve",
-    version="0.1.0",
-    description="Learning-to-rank serving: POST /rank returns documents best first.",
-)
-install_openapi(fastapi_app)
+class RayHttpService(HttpService):
+    """The HTTP service of one Ray replica: a swap redeploys the app with the new model's user_config."""
+
+    async def apply_swap(self, new_config: ServiceConfig) -> dict[str, Any]:
+        from serve.app import build_app  # by name: the replica's copy of this module may be a pickled one
+
+        # Returns once every replica runs the new user_config (this one included).
+        await asyncio.to_thread(serve.run, build_app(new_config), name=new_config.app_name,
+                                route_prefix=new_config.route_prefix)
+        return await self.backend.probe()
+
+
+def _service_for(config: ServiceConfig, backend: Any) -> RayHttpService:
+    """A replica's service; $REDIS_URL is read here, never written into the config (a swap redeploys it)."""
+    try:
+        replica = serve.get_replica_context().replica_tag
+    except Exception:  # outside a replica (unit tests)
+        replica = None
+    return RayHttpService(config, backend, metrics=ServiceMetrics(use_ray=True), parse_mode="fast",
+                          redis_url=config.redis_url or os.environ.get("REDIS_URL"), cache_needs_redis=False,
+                          replica=replica)
+
+
+def _with_model(config: ServiceConfig, user_config: dict[str, Any]) -> ServiceConfig:
+    """The replica's config once `user_config` names the model it serves (its init args may be older)."""
+    return config.model_copy(update={k: user_config[k] for k in MODEL_FIELDS if k in user_config})
+
+
+def replica_http_app() -> FastAPI:
+    """`serve.ingress`'s builder, run on each replica: serve/http_app.py's app over this replica's service."""
+
+    def this_replicas_service() -> HttpService:
+        return serve.get_replica_context().servable_object.service
+
+    return build_http_app(this_replicas_service)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
-@serve.ingress(fastapi_app)
-class Ingress:
-    """HTTP front: the shared ranking core over a handle to the ranker deployment."""
+@serve.ingress(replica_http_app)
+class RankingService(ReplicaScorer):
+    """Colocated: HTTP, parsing, cache, feature store and scoring in one replica."""
 
-    def __init__(self, config: dict[str, Any], ranker: DeploymentHandle) -> None:
-        from serve.cache import AsyncResultCache
-        from serve.feature_store import AsyncFeatureStore
+    def __init__(self, config: dict[str, Any]) -> None:
+        settings = ServiceConfig(**config)
+        self._start_scoring(settings.inference_workers)
+        self.service = _service_for(settings, backend=self)
 
-        self.config = ServiceConfig(**config)
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        await ReplicaScorer.reconfigure(self, config)
+        self.service.config = _with_model(self.service.config, config)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Ranker(ReplicaScorer):
+    """Split: one model variant; scores lists for the ingress, batched by document budget when batching is on."""
+
+    def __init__(self, inference_workers: int = 1) -> None:
+        self._start_scoring(inference_workers)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.model_info()
+
+
+class RankerHandleBackend:
+    """Split's backend: the ranker deployment through a handle; the cache is keyed on the model in
+    the ingress's user_config (`identity`)."""
+
+    def __init__(self, ranker: DeploymentHandle) -> None:
         self.ranker = ranker
-        self.metrics = ServiceMetrics(use_ray=True)
-        redis_url = self.config.redis_url or os.environ.get("REDIS_URL")
-        self.cache = None
-        if self.config.cache and redis_url:
-            self.cache = AsyncResultCache(redis_url, ttl_s=self.config.cache_ttl_s, timeout_s=self.config.redis_timeout_s)
-        elif self.config.cache:
-            logger.warning("cache on but no redis_url and no $REDIS_URL: running without the cache")
-        self.feature_store = AsyncFeatureStore(redis_url) if redis_url else None
-        self._info: dict[str, Any] | None = None
-        self.core = RankingCore(
-            backend=self,
-            metrics=self.metrics,
-            cache=self.cache,
-            feature_store=self.feature_store,
-            feature_dataset=self.config.feature_dataset,
-            max_docs=self.config.max_docs,
-            max_body_bytes=self.config.max_body_bytes,
-            deadline_ms=self.config.deadline_ms,
-            parse_mode="fast",
-        )
+        self.identity: dict[str, Any] | None = None
 
-    # ScoringBackend ------------------------------------------------------------------------------
     async def model_info(self) -> dict[str, Any]:
-        if self._info is None:
-            self._info = await self.ranker.info.remote()
-        return self._info
+        if self.identity is None:
+            raise RuntimeError("no model configured yet")
+        return self.identity
+
+    async def probe(self) -> dict[str, Any]:
+        return await self.ranker.info.remote()
 
     async def score(self, features: np.ndarray) -> ScoreOutcome:
-        outcome: ScoreOutcome = await self.ranker.score.remote(features)
-        if self._info is not None and outcome.model["version"] != self._info["version"]:
-            # Another replica (or a swap) serves a different model now: key the cache on it.
-            self._info = await self.ranker.info.remote()
-        return outcome
+        return await self.ranker.score.remote(features)
 
-    # HTTP ----------------------------------------------------------------------------------------
-    @fastapi_app.post(
-        "/rank",
-        response_model=RankResponse,
-        openapi_extra=rank_openapi_extra(),
-        responses={400: {}, 413: {}, 415: {}, 422: {}},
-    )
-    async def rank(self, request: Request) -> Response:
-        status, payload = await self.core.handle_request(request)
-        return Response(dumps(payload), status_code=status, media_type="application/json")
 
-    @fastapi_app.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(replica_http_app)
+class Ingress:
+    """Split: HTTP, parsing, cache and feature store; scoring by the ranker deployment."""
 
-    @fastapi_app.get("/readyz", response_model=Readiness)
-    async def readyz(self) -> JSONResponse:
-        try:
-            self._info = await asyncio.wait_for(self.ranker.info.remote(), timeout=5)
-            loaded = True
-        except Exception:
-            loaded = False
-        redis_state = await self._redis_state()
-        body = {"model_loaded": loaded, "redis": redis_state, "model": self._info if loaded else None}
-        return JSONResponse(body, status_code=200 if loaded else 503)
+    def __init__(self, config: dict[str, Any], ranker: DeploymentHandle) -> None:
+        self.backend = RankerHandleBackend(ranker)
+        self.service = _service_for(ServiceConfig(**config), backend=self.backend)
 
-    async def _redis_state(self) -> str:
-        client = self.cache or self.feature_store
-        if client is None:
-            return "disabled"
-        try:
-            ok = await asyncio.wait_for(client.client.ping(), timeout=1)
-        except Exception:
-            ok = False
-        return "up" if ok else "down"
-
-    @fastapi_app.get("/metrics")
-    async def metrics(self) -> Response:
-        body, content_type = self.metrics.render()
-        return Response(body, media_type=content_type)
-
-    @fastapi_app.post("/admin/model")
-    async def swap_model(self, swap: ModelSwap) -> JSONResponse:
-        """Serve another variant/model: a rolling in-place reconfigure of the ranker replicas."""
-        from export.runtime import load_manifest
-        from serve.app import build_app  # by name: the replica's copy of this class is a pickled one
-
-        try:
-            manifest = await asyncio.to_thread(load_manifest, swap.model or self.config.model, self.config.manifest_path)
-        except (FileNotFoundError, ValueError) as exc:
-            return JSONResponse({"detail": f"model: {exc}", "field": "model"}, status_code=422)
-        entry = manifest["variants"].get(swap.variant)
-        if entry is None:
-            return JSONResponse(
-                {"detail": f"variant: {swap.variant!r} is not in the manifest (has {sorted(manifest['variants'])})",
-                 "field": "variant"},
-                status_code=422,
-            )
-        if not entry["valid"]:
-            return JSONResponse({"detail": f"variant: {swap.variant!r} failed the accuracy gate", "field": "variant"},
-                                status_code=422)
-        new_config = self.config.model_copy(update={"variant": swap.variant, "model": swap.model or self.config.model})
-        try:
-            await asyncio.to_thread(
-                serve.run, build_app(new_config), name=new_config.app_name, route_prefix=new_config.route_prefix
-            )
-        except Exception as exc:  # e.g. an app deployed with `serve deploy` must be updated by config
-            logger.exception("model swap failed")
-            return JSONResponse({"detail": f"swap failed: {exc}"}, status_code=409)
-        self.config = new_config
-        self._info = await self.ranker.info.remote()
-        return JSONResponse({"model": self._info})
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """The model the ranker serves (from the manifest: nothing is loaded here)."""
+        self.backend.identity = await asyncio.to_thread(
+            model_identity, config["variant"], config.get("model"), config.get("manifest_path"))
+        self.service.config = _with_model(self.service.config, config)
 
 
 def _pinned_version(config: ServiceConfig, role: str) -> str:
-    """A stable code version: the same for two configs that differ only in the ranker's user_config,
+    """A stable code version: the same for two configs that differ only in the user_config fields,
     so that a swap reconfigures replicas instead of restarting them."""
     fixed = config.model_dump(exclude=set(RANKER_FIELDS))
     return hashlib.sha256(orjson.dumps([role, fixed], option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
+def _scale(config: ServiceConfig) -> dict[str, Any]:
+    """Fixed `num_replicas`, or `autoscaling_config` from `replicas` to `autoscaling_max_replicas`;
+    `max_replicas_per_node` spreads them (replicas reserve no CPU, so Ray would place them anywhere)."""
+    spread = {} if config.max_replicas_per_node is None else {"max_replicas_per_node": config.max_replicas_per_node}
+    if config.autoscaling_max_replicas is None:
+        return {"num_replicas": config.replicas, **spread}
+    return {"autoscaling_config": {"min_replicas": config.replicas, "initial_replicas": config.replicas,
+                                   "max_replicas": config.autoscaling_max_replicas}, **spread}
+
+
+def deployment_options(config: ServiceConfig) -> dict[str, dict[str, Any]]:
+    """The Serve options of each deployment of `config`'s topology, by deployment name."""
+    stop = DEPLOYMENT_SHUTDOWN_OPTIONS  # a stop in seconds (serve/ray_setup.py)
+    if config.topology == "colocated":
+        return {"RankingService": {**_scale(config), "max_ongoing_requests": config.colocated_ongoing_requests,
+                                   "user_config": config.ranker_user_config(), **stop}}
+    return {
+        "Ranker": {**_scale(config), "max_ongoing_requests": config.ongoing_requests,
+                   "user_config": config.ranker_user_config(), **stop},
+        "Ingress": {"num_replicas": config.ingress_replicas,
+                    "max_ongoing_requests": config.ingress_max_ongoing_requests,
+                    "user_config": config.model_user_config(), **stop},
+    }
+
+
 def build_app(config: ServiceConfig) -> serve.Application:
     """The Serve application for one configuration."""
-    ranker = Ranker.options(
-        num_replicas=config.replicas,
-        max_ongoing_requests=config.ongoing_requests,
-        user_config=config.ranker_user_config(),
-    ).options(version=_pinned_version(config, "ranker"), _internal=True)
-    ingress = Ingress.options(
-        num_replicas=config.ingress_replicas,
-        max_ongoing_requests=config.ingress_max_ongoing_requests,
-    ).options(version=_pinned_version(config, "ingress"), _internal=True)
+    options = deployment_options(config)
+    if config.topology == "colocated":
+        service = RankingService.options(**options["RankingService"]).options(
+            version=_pinned_version(config, "colocated"), _internal=True)
+        return service.bind(config.model_dump())
+    ranker = Ranker.options(**options["Ranker"]).options(version=_pinned_version(config, "ranker"), _internal=True)
+    ingress = Ingress.options(**options["Ingress"]).options(version=_pinned_version(config, "ingress"),
+                                                            _internal=True)
     return ingress.bind(config.model_dump(), ranker.bind(config.inference_workers))
 
 

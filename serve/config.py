@@ -1,8 +1,16 @@
 """ServiceConfig: every option of the ranking service in one validated object.
 
-Everything a load test varies (variant, batching and its limits, cache, replicas, threads, ingress
-mode) is configuration, so a sweep changes a flag, never code. `serve/run.py`'s CLI, the
-`app_builder(args)` used by `serve run serve/config.yaml`, and the baseline server all build one.
+Everything a load test varies (variant, topology, batching and its limits, cache, replicas, threads,
+ingress mode) is configuration, so a sweep changes a flag, never code. `serve/run.py`'s CLI, the
+`app_builder(args)` used by `serve run serve/config.yaml`, the plain-uvicorn server and the baseline
+server all build one.
+
+Topologies of the Ray Serve app (serve/app.py):
+- `colocated` (the default): one deployment parses, reads the cache and the feature store, and scores
+  in the same replica. `replicas` / `autoscaling_max_replicas` scale it.
+- `split`: an ingress deployment (`ingress_replicas`) calls a separate batched ranker deployment
+  (`replicas`, `autoscaling_max_replicas`) through a handle; pays where a separate model stage does
+  (a GPU ranker, the attention model at large lists).
 """
 
 from __future__ import annotations
@@ -10,10 +18,13 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_VARIANT = "onnx-int8-dynamic"
 APP_NAME = "rankserve"
+Topology = Literal["colocated", "split"]
+# The ServiceConfig fields that name the model: a swap changes only these (see ranker_user_config).
+MODEL_FIELDS = ("variant", "model", "manifest_path")
 
 
 class ServiceConfig(BaseModel):
@@ -25,17 +36,23 @@ class ServiceConfig(BaseModel):
     variant: str = DEFAULT_VARIANT
     model: str | None = Field(None, description="model name in the manifest; None: export.runtime.DEFAULT_MODEL")
     manifest_path: str | None = Field(None, description="explicit manifest.json (tests use a tmp one)")
-    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per ranker replica")
+    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per scoring replica")
     inference_workers: int = Field(
-        1, ge=1, description="threads per replica that run inference calls (ORT releases the GIL)"
+        1, ge=1, description="threads per scoring replica that run inference calls (ORT releases the GIL)"
     )
 
-    # Dynamic batching, flushed on a budget of documents rather than requests.
-    batching: bool = True
+    # Dynamic batching (`@serve.batch` in each scoring replica), flushed on a budget of documents.
+    batching: bool | None = Field(
+        None,
+        description="None: the topology's default, off when colocated (a batch waits up to batch_wait_ms "
+                    "for company, a cost at low load), on when split (the ranker exists to batch)",
+    )
     max_batch_docs: int = Field(4096, ge=1, description="flush a batch once it holds this many documents")
     batch_wait_ms: float = Field(2.0, ge=0, description="longest wait for a batch to fill")
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="per ranker replica; None: derived from the batch size (see ongoing_requests)"
+        None, ge=1,
+        description="per scoring replica (colocated: the one deployment; split: the ranker); "
+                    "None: derived (see colocated_ongoing_requests, ongoing_requests)",
     )
 
     # Result cache in Redis.
@@ -45,17 +62,30 @@ class ServiceConfig(BaseModel):
     redis_url: str | None = Field(None, description="None: $REDIS_URL or an embedded redis-server")
     feature_dataset: str = Field("synthetic", description="dataset name of the feature-store keys")
 
-    # Scale and ingress.
-    replicas: int = Field(1, ge=1, description="ranker replicas")
-    ingress_replicas: int = Field(1, ge=1)
-    ingress_max_ongoing_requests: int = Field(256, ge=1, description="concurrent requests per ingress replica")
+    # Topology, scale and ingress.
+    topology: Topology = Field(
+        "colocated",
+        description="colocated: one deployment parses, caches and scores in-process; "
+                    "split: ingress deployment + batched ranker deployment",
+    )
+    replicas: int = Field(1, ge=1, description="replicas of the scoring deployment (colocated: the one deployment; "
+                                               "split: the ranker); with autoscaling, the minimum")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="at most this many scoring replicas per Ray node (None: Ray places them)")
+    autoscaling_max_replicas: int | None = Field(
+        None, ge=1, description="autoscale the scoring deployment between `replicas` and this (None: fixed replicas)"
+    )
+    ingress_replicas: int = Field(1, ge=1, description="split only: replicas of the ingress deployment")
+    ingress_max_ongoing_requests: int = Field(
+        256, ge=1, description="concurrent HTTP requests per ingress replica (colocated: per replica, at least)"
+    )
     ingress: Literal["default", "haproxy"] = "default"
     app_name: str = Field(APP_NAME, description="Serve application name (several configs can share a cluster)")
     route_prefix: str = Field("/", description="the app's HTTP prefix: /rank is at <prefix>/rank")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     address: str | None = Field(None, description="existing Ray cluster (ray://... or auto); None: start one")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; None: os.cpu_count()")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; None: the cores this process may use (its affinity)")
     metrics_export_port: int | None = Field(None, description="Ray's Prometheus export port (None: Ray picks)")
 
     # Request limits and fallback.
@@ -63,9 +93,29 @@ class ServiceConfig(BaseModel):
     max_docs: int = Field(5000, ge=1, description="most documents in one request")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="larger bodies get 413")
 
+    @model_validator(mode="after")
+    def _topology_fits(self) -> ServiceConfig:
+        if self.batching is None:
+            self.batching = self.topology == "split"
+        if self.topology == "colocated" and self.ingress_replicas != 1:
+            raise ValueError("ingress_replicas: only for topology 'split' (colocated scales with replicas)")
+        if self.autoscaling_max_replicas is not None and self.autoscaling_max_replicas < self.replicas:
+            raise ValueError(f"autoscaling_max_replicas: must be >= replicas ({self.replicas}), "
+                             f"got {self.autoscaling_max_replicas}")
+        return self
+
+    @property
+    def colocated_ongoing_requests(self) -> int:
+        """`max_ongoing_requests` for a colocated replica: it is the HTTP ingress as well as the
+        scorer, so at least `ingress_max_ongoing_requests` (parsing and cache lookups overlap with
+        inference), and at least a full batch when batching (see ongoing_requests)."""
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return max(self.ingress_max_ongoing_requests, self.ongoing_requests)
+
     @property
     def ongoing_requests(self) -> int:
-        """`max_ongoing_requests` for a ranker replica.
+        """`max_ongoing_requests` for a ranker replica (split).
 
         `@serve.batch` never fills while max_ongoing_requests is below the number of requests a
         batch can hold, so when batching it is at least a full batch of small lists (16 documents
@@ -79,7 +129,8 @@ class ServiceConfig(BaseModel):
         return max(8, 2 * math.ceil(self.max_batch_docs / 16))
 
     def ranker_user_config(self) -> dict[str, Any]:
-        """What the ranker deployment gets as `user_config`: changing it reconfigures in place."""
+        """What the scoring deployment (colocated, or split's ranker) gets as `user_config`: changing
+        it reconfigures every replica in place (a model swap reaches them all)."""
         return {
             "variant": self.variant,
             "model": self.model,
@@ -89,3 +140,7 @@ class ServiceConfig(BaseModel):
             "max_batch_docs": self.max_batch_docs,
             "batch_wait_ms": self.batch_wait_ms,
         }
+
+    def model_user_config(self) -> dict[str, Any]:
+        """What split's ingress gets as `user_config`: the model it keys the cache on."""
+        return {name: getattr(self, name) for name in MODEL_FIELDS}

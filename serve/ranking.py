@@ -1,10 +1,10 @@
-"""The ranking core shared by the Ray Serve ingress and the baseline server.
+"""The ranking core shared by every server: the Ray Serve app (both topologies), plain uvicorn, the baseline.
 
 One request goes: read the body under a size limit -> parse (serve/encoding.py) -> validate against
 the model -> (feature store) -> cache lookup -> score under a deadline -> sort best first -> cache
-store. Both servers call `RankingCore.handle` with their own `ScoringBackend` (a Ray handle to the
-batched ranker deployment, or a scorer in the same process), so validation, error messages,
-fallback and timings are the same code for both.
+store. Every server calls `RankingCore.handle` with its own `ScoringBackend` (a scorer in the same
+process: `LocalBackend` on uvicorn, the colocated replica itself on Ray; or a handle to split's
+batched ranker deployment), so validation, error messages, fallback and timings are the same code.
 
 Fallback (documented in docs/serving.md): if scoring raises, passes `deadline_ms`, or feature-store
 mode cannot read features because Redis is down, the answer is still 200 with the documents in the
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from serve.cache import cache_key
@@ -55,9 +56,67 @@ class ScoringBackend(Protocol):
     async def score(self, features: np.ndarray) -> ScoreOutcome: ...
 
 
+def model_of(scorer: Any) -> dict[str, Any]:
+    """What a loaded scorer is: {"name", "variant", "version", "n_features", "pointwise"}."""
+    return {"name": scorer.model, "variant": scorer.variant, "version": scorer.version,
+            "n_features": scorer.n_features, "pointwise": scorer.pointwise}
+
+
+def model_identity(variant: str, model: str | None = None, manifest_path: str | None = None) -> dict[str, Any]:
+    """The identity `load_scorer(variant, model, ...)` would give, read from the manifest only (no model
+    loaded): {"name", "variant", "version", "n_features", "pointwise"}. Blocking (reads a file)."""
+    from export.runtime import load_manifest
+
+    manifest = load_manifest(model, manifest_path)
+    entry = manifest["variants"].get(variant)
+    if entry is None:
+        raise KeyError(f"variant: {variant!r} is not in the manifest (has {sorted(manifest['variants'])})")
+    m = manifest["model"]
+    return {"name": m["name"], "variant": variant, "version": f"{m['version']}-{entry['sha256'][:12]}",
+            "n_features": m["n_features"], "pointwise": m["pointwise"]}
+
+
+class LocalBackend:
+    """The scorer in this process, called once per request (no batching): plain uvicorn and the baseline.
+
+    Inference runs in Starlette's thread pool (what a FastAPI `def` endpoint does), never on the event
+    loop. `scorer` is replaced in one assignment by a model swap; a call already running keeps its own.
+    """
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+
+    async def model_info(self) -> dict[str, Any]:
+        return model_of(self.scorer)
+
+    async def probe(self) -> dict[str, Any]:
+        """For /readyz: the model that answers now."""
+        return model_of(self.scorer)
+
+    async def score(self, features: np.ndarray) -> ScoreOutcome:
+        arrival = time.perf_counter()
+        scorer = self.scorer
+
+        def run() -> tuple[float, float, np.ndarray]:
+            start = time.perf_counter()
+            scores = score_lists(scorer, [features])[0]
+            return start, time.perf_counter(), scores
+
+        start, end, scores = await run_in_threadpool(run)
+        return ScoreOutcome(
+            scores=scores,
+            model={"name": scorer.model, "variant": scorer.variant, "version": scorer.version},
+            queue_ms=(start - arrival) * 1000,
+            inference_ms=(end - start) * 1000,
+            batch_docs=len(features),
+            batch_requests=1,
+            batch_first=True,
+        )
+
+
 def score_lists(scorer: Any, lists: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Score several lists in one call: concatenated rows for a pointwise model, a padded
-    [B, L, F] batch with a mask for a listwise one. Used by the batched ranker and the baseline."""
+    [B, L, F] batch with a mask for a listwise one. Used by every backend."""
     sizes = [len(x) for x in lists]
     if scorer.pointwise:
         rows = lists[0] if len(lists) == 1 else np.concatenate(lists)

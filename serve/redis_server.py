@@ -97,6 +97,11 @@ class EmbeddedRedis:
         return f"redis://{LOOPBACK}:{self.port}/0"
 
     @property
+    def folder(self) -> str:
+        """Its working folder (the log; `close()` removes it)."""
+        return self._dir
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -1,12 +1,14 @@
 """Start the Ray Serve ranking service: `python serve/run.py --variant onnx-int8-dynamic [options]`.
 
 Starts (or joins, with --address) Ray, an embedded Redis when no REDIS_URL is given, deploys
-serve/app.py's application, prints `READY <url>` once /readyz answers 200, and on Ctrl-C or
-SIGTERM stops cleanly: serve.shutdown, ray.shutdown, then the embedded Redis.
+serve/app.py's application (`--topology colocated`, the default, or `split`), prints `READY <url>`
+once /readyz answers 200, and on Ctrl-C or SIGTERM stops cleanly within 10 s: serve.shutdown,
+ray.shutdown, the embedded Redis, then whatever of the run is left (serve/lifecycle.py, which also
+cleans what a killed earlier run left).
 
-`--ingress haproxy` sets RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 before Ray
-is imported (they are read when Ray starts). Note: in that mode Ray binds the replicas' HTTP ports
-on all interfaces, not only loopback.
+How Ray is started for a small CPU budget, and the fast mode (`--ingress haproxy`: HAProxy with
+Serve's throughput-optimized settings, set before Ray is imported): serve/ray_setup.py. Which ports
+listen on which interfaces: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ _HERE = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _HERE]
 
 import argparse  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
+from serve import ray_setup  # noqa: E402
 from serve.config import APP_NAME, DEFAULT_VARIANT, ServiceConfig  # noqa: E402
+from serve.lifecycle import Run, StopRequested  # noqa: E402
 
 READY_TIMEOUT_S = 300.0
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
@@ -38,18 +39,28 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     p.add_argument("--variant", default=DEFAULT_VARIANT)
     p.add_argument("--model", default=None, help="model name in artifacts/variants (default: export.runtime.DEFAULT_MODEL)")
     p.add_argument("--manifest-path", default=None)
-    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None,
+                   help="@serve.batch in each scoring replica (default: off colocated, on split)")
     p.add_argument("--max-batch-docs", type=int, default=4096)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
-    p.add_argument("--max-ongoing-requests", type=int, default=None, help="per ranker replica (default: from batch size)")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="per scoring replica (default: colocated max(256, a full batch); split's ranker: from batch size)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cache-ttl-s", type=float, default=300.0)
     p.add_argument("--redis-url", default=None, help="default: $REDIS_URL, else an embedded redis-server")
     p.add_argument("--feature-dataset", default="synthetic")
-    p.add_argument("--replicas", type=int, default=1, help="ranker replicas")
-    p.add_argument("--ingress-replicas", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per ranker replica")
-    p.add_argument("--inference-workers", type=int, default=1, help="inference threads per ranker replica")
+    p.add_argument("--topology", choices=["colocated", "split"], default="colocated",
+                   help="colocated: one deployment parses, caches and scores in-process; "
+                        "split: ingress deployment + batched ranker deployment")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="replicas of the scoring deployment (colocated: the one deployment; split: the ranker)")
+    p.add_argument("--max-replicas-per-node", type=int, default=None,
+                   help="at most this many scoring replicas per Ray node (spreads them over a cluster)")
+    p.add_argument("--autoscaling-max-replicas", type=int, default=None,
+                   help="autoscale the scoring deployment from --replicas up to this many")
+    p.add_argument("--ingress-replicas", type=int, default=1, help="split only: ingress replicas")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per scoring replica")
+    p.add_argument("--inference-workers", type=int, default=1, help="inference threads per scoring replica")
     p.add_argument("--ingress", choices=["default", "haproxy"], default="default")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -80,17 +91,8 @@ def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S, stop: threading.Eve
 
 
 def start_ray(config: ServiceConfig) -> None:
-    import ray
-
-    if config.address:
-        ray.init(address=config.address, log_to_driver=False)
-        return
-    ray.init(
-        num_cpus=config.num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=config.metrics_export_port,
-    )
+    """Join `config.address`, or start a local Ray sized to our cores (serve/ray_setup.py says why)."""
+    ray_setup.start_ray(config)
 
 
 def ray_metrics_port() -> int | None:
@@ -105,51 +107,49 @@ def ray_metrics_port() -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
-    if config.ingress == "haproxy":
-        os.environ.update(HAPROXY_ENV)  # before Ray is imported: its constants read them at import
-
+    # Marks every process we start, cleans what an earlier run left, starts the reaper (lifecycle.py).
+    run = Run().claim()
+    run.install_signal_handlers()
+    ray_setup.prepare_environment(config)  # before Ray is imported: Serve reads its constants at import
+    stop = run.stop_requested
     embedded = None
-    if config.redis_url is None:
-        from serve.redis_server import redis_url_or_embedded
-
-        url, embedded = redis_url_or_embedded()
-        config = config.model_copy(update={"redis_url": url})
-
-    stop = threading.Event()
-
-    import ray
-    from ray import serve
-
-    from serve.app import build_app
-
     url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
     try:
+        from ray import serve
+
+        from serve.app import build_app
+
+        if config.redis_url is None:
+            from serve.redis_server import redis_url_or_embedded
+
+            redis_url, embedded = redis_url_or_embedded()
+            run.record(redis_dir=embedded.folder)
+            config = config.model_copy(update={"redis_url": redis_url})
         start_ray(config)
-        # After ray.init: Ray's core worker installs its own SIGTERM handler, which would kill us
-        # before serve.shutdown and the Redis stop run.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+        # Again after ray.init: Ray's core worker installs its own SIGTERM handler.
+        run.install_signal_handlers()
+        run.record(session_dir=ray_setup.session_dir())
+        serve.start(http_options={"host": config.host, "port": config.port},
+                    logging_config=ray_setup.SERVE_LOGGING_CONFIG)
+        serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False,
+                  logging_config=ray_setup.SERVE_LOGGING_CONFIG)
         if not wait_ready(url, stop=stop):
             print(f"FAILED: {url}/readyz did not answer 200 within {READY_TIMEOUT_S:.0f} s", flush=True)
             return 1
-        print(f"Redis: {config.redis_url}; Ray metrics: http://127.0.0.1:{ray_metrics_port()}/metrics", flush=True)
+        ray_metrics = (f"http://127.0.0.1:{ray_metrics_port()}/metrics" if ray_setup.ray_metrics_enabled()
+                       else "off (--metrics-export-port turns them on)")
+        print(f"Redis: {config.redis_url}; Ray metrics: {ray_metrics}", flush=True)
         print(f"READY {url}", flush=True)
+        run.started()
         while not stop.wait(0.5):
             pass
         return 0
+    except StopRequested:
+        print("stopped before READY", flush=True)
+        return 0
     finally:
-        print("stopping: serve.shutdown, ray.shutdown, redis", flush=True)
-        try:
-            if config.address:  # a cluster we joined: remove our app only, leave Serve running
-                serve.delete(config.app_name)
-            else:
-                serve.shutdown()
-        finally:
-            ray.shutdown()
-            if embedded is not None:
-                embedded.stop()
+        # Bounded: every process of the run is gone within lifecycle.STOP_BUDGET_S of the signal.
+        run.stop(ray_setup.shutdown_steps(config, embedded))
 
 
 if __name__ == "__main__":

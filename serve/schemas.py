@@ -104,6 +104,8 @@ class RankResponse(BaseModel):
 class Readiness(BaseModel):
     model_loaded: bool
     redis: str = Field(description="up | down | disabled")
+    model: ModelInfo | None = Field(None, description="the model that scores now (null until one is loaded)")
+    replica: str | None = Field(None, description="the Ray Serve replica that answered (null outside Ray)")
 
 
 class ModelSwap(BaseModel):

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,33 +45,12 @@ def main(argv: list[str] | None = None) -> None:
 
 @contextlib.contextmanager
 def running_broken_service(timeout_s: float = 60.0) -> Iterator[str]:
-    from serve.redis_server import free_port
+    """Start it on a free loopback port in a subprocess (loadtest_rank_app.running_server); yield its URL."""
+    from loadtest_rank_app import free_port, running_server
 
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--port", str(port)],
-                            cwd=Path(__file__).resolve().parent.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            if proc.poll() is not None:
-                raise RuntimeError(f"the broken-scorer service exited with {proc.returncode}")
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"the broken-scorer service did not answer in {timeout_s:.0f} s")
+    with running_server([str(Path(__file__).resolve()), "--port", str(port)], port, timeout_s) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The baseline server: torch eager, naive JSON parsing, same API; and its CLI on a real port."""
+"""The baseline server: torch eager, naive JSON parsing, same API; and its CLI on a real port.
+
+The optimized plain-uvicorn server (fast parser, cache) is tests/test_uvicorn_server.py's."""
 
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ def test_defaults_are_the_naive_setup() -> None:
     config, parse_mode = parse_args([])
     assert (config.variant, config.port, config.batching, config.cache) == ("torch-eager", 8001, False, False)
     assert parse_mode == "naive"
+    for flag in (["--cache"], ["--parse", "fast"]):  # those are serve/uvicorn_server.py's
+        with pytest.raises(SystemExit):
+            parse_args(flag)
 
 
 def test_torch_eager_baseline_serves_offline_scores(manifest: Path) -> None:
@@ -89,26 +94,3 @@ def test_cli_serves_an_onnx_variant_and_stops_on_sigterm(manifest: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-
-
-def test_plain_uvicorn_option_parses_fast_and_caches_in_redis(manifest: Path, redis_url: str) -> None:
-    """`--parse fast --cache`: Ray's parser and result cache on plain uvicorn, to isolate Ray's cost."""
-    scorer = load_scorer("onnx-fp32", manifest_path=manifest)
-    ids, X = make_list(30, scorer.n_features, seed=11)
-    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, redis_url=redis_url,
-                           batching=False)
-    app = create_app(config, parse_mode="fast")
-    assert app.state.core.parse_mode == "fast"
-    body = {"query_id": "uvicorn-cache", "doc_ids": ids, "features": X.tolist()}
-    with TestClient(app) as client:
-        first, second = (client.post("/rank", json=body).json() for _ in range(2))
-    assert (first["cached"], second["cached"]) == (False, True)
-    assert [r["id"] for r in first["results"]] == [r["id"] for r in second["results"]]
-    served = {r["id"]: r["score"] for r in first["results"]}
-    np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X), atol=1e-5)
-
-
-def test_cache_without_redis_is_refused_with_the_field_named(manifest: Path) -> None:
-    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, batching=False)
-    with pytest.raises(ValueError, match="cache"):
-        create_app(config, parse_mode="fast")

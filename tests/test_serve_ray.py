@@ -1,8 +1,13 @@
 """The Ray Serve app for real: one module-scoped local Ray, a real Redis, the test model's variants.
 
-Two apps share the Ray instance: `/b` (batched, cache on, a long batch window so that concurrent
-requests really share batches) and `/u` (unbatched, no cache). The CLI test joins the same
-cluster with `serve/run.py --address`.
+Four apps share the Ray instance:
+- `/b`: colocated (the default topology), `@serve.batch` in the replica with a long batch window so
+  that concurrent requests really share batches, cache on;
+- `/u`: colocated, unbatched, no cache;
+- `/s`: split (2 ingress replicas + a batched ranker deployment), the same long window, cache on;
+- `/r2`: colocated with 2 replicas, cache on: a model swap must reach both, and the cache must never
+  answer with the old model once the swap is done.
+The CLI test joins the same cluster with `serve/run.py --address`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from serving_artifacts import build_test_artifacts
 
 from export.runtime import load_scorer
 from models.paths import REPO_ROOT
+from serve import uvicorn_server
 from serve.baseline import create_app
 from serve.config import ServiceConfig
 from serve.encoding import encode_msgpack
@@ -62,7 +68,11 @@ def service(manifest: Path, cache_redis: EmbeddedRedis) -> Iterator[dict]:
                   "max_docs": 200, "max_body_bytes": MAX_BODY}
         batched = ServiceConfig(batching=True, batch_wait_ms=100, app_name="rs-batched", route_prefix="/b", **common)
         unbatched = ServiceConfig(batching=False, cache=False, app_name="rs-unbatched", route_prefix="/u", **common)
-        for config in (batched, unbatched):
+        split = ServiceConfig(topology="split", ingress_replicas=2, batch_wait_ms=100, app_name="rs-split",
+                              route_prefix="/s", **common)
+        two = ServiceConfig(replicas=2, app_name="rs-two", route_prefix="/r2", **common)
+        assert batched.topology == unbatched.topology == two.topology == "colocated" and split.batching is True
+        for config in (batched, unbatched, split, two):
             serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
         yield {"url": f"http://127.0.0.1:{port}", "port": port, "gcs": ray.get_runtime_context().gcs_address}
     finally:
@@ -94,9 +104,10 @@ def unique_qid(name: str) -> str:
     return f"{name}-{time.time_ns()}"
 
 
-def test_served_scores_equal_offline_scores(service: dict, http: httpx.Client, scorer) -> None:
+@pytest.mark.parametrize("prefix", ["b", "s"])  # colocated (the default), split
+def test_served_scores_equal_offline_scores(service: dict, http: httpx.Client, scorer, prefix: str) -> None:
     ids, X = make_list(40, scorer.n_features, seed=1)
-    resp = http.post(f"{service['url']}/b/rank",
+    resp = http.post(f"{service['url']}/{prefix}/rank",
                      json={"query_id": unique_qid("offline"),
                            "documents": [{"id": i, "features": r} for i, r in zip(ids, X.tolist(), strict=True)]})
     assert resp.status_code == 200, resp.text
@@ -110,16 +121,17 @@ def test_served_scores_equal_offline_scores(service: dict, http: httpx.Client, s
     assert set(body["timings_ms"]) == {"parse", "cache", "queue", "inference", "total"}
 
 
-def test_repeat_is_a_cache_hit_with_the_same_ranking(service: dict, http: httpx.Client, scorer) -> None:
+@pytest.mark.parametrize("prefix", ["b", "s"])
+def test_repeat_is_a_cache_hit_with_the_same_ranking(service: dict, http: httpx.Client, scorer, prefix: str) -> None:
     ids, X = make_list(25, scorer.n_features, seed=2)
     qid = unique_qid("repeat")
-    first = http.post(f"{service['url']}/b/rank", json=compact(qid, ids, X)).json()
-    second = http.post(f"{service['url']}/b/rank", content=encode_msgpack(qid, ids, X),
+    first = http.post(f"{service['url']}/{prefix}/rank", json=compact(qid, ids, X)).json()
+    second = http.post(f"{service['url']}/{prefix}/rank", content=encode_msgpack(qid, ids, X),
                        headers={"content-type": "application/msgpack"}).json()
     assert first["cached"] is False and second["cached"] is True
     assert second["results"] == first["results"] and second["model"] == first["model"]
-    metrics = http.get(f"{service['url']}/b/metrics").text
-    assert 'rankserve_cache_total{result="hit"}' in metrics
+    assert _any_replicas_metrics(http, f"{service['url']}/{prefix}",
+                                 lambda metrics: 'rankserve_cache_total{result="hit"}' in metrics)
 
 
 @pytest.mark.parametrize(
@@ -136,15 +148,19 @@ def test_repeat_is_a_cache_hit_with_the_same_ranking(service: dict, http: httpx.
         (lambda F: encode_msgpack("q", ["a"], np.ones((1, F - 1))), "application/msgpack", 422, "n_features"),
     ],
 )
-def test_bad_input_gets_4xx_from_ray_serve(service: dict, http: httpx.Client, scorer, make_body, ctype, status, field) -> None:
-    resp = http.post(f"{service['url']}/b/rank", content=make_body(scorer.n_features), headers={"content-type": ctype})
+@pytest.mark.parametrize("prefix", ["b", "s"])
+def test_bad_input_gets_4xx_from_ray_serve(service: dict, http: httpx.Client, scorer, make_body, ctype, status, field,
+                                           prefix: str) -> None:
+    resp = http.post(f"{service['url']}/{prefix}/rank", content=make_body(scorer.n_features),
+                     headers={"content-type": ctype})
     assert resp.status_code == status, resp.text
     assert resp.json()["field"] == field
 
 
-def test_batched_and_unbatched_scores_agree(service: dict, http: httpx.Client, scorer) -> None:
+@pytest.mark.parametrize("prefix", ["b", "s"])  # @serve.batch in the colocated replica; split's ranker
+def test_batched_and_unbatched_scores_agree(service: dict, http: httpx.Client, scorer, prefix: str) -> None:
     lists = [make_list(5 + 7 * k, scorer.n_features, seed=100 + k) for k in range(8)]
-    qids = [unique_qid(f"batch{k}") for k in range(8)]
+    qids = [unique_qid(f"batch{prefix}{k}") for k in range(8)]
 
     def post(prefix: str, k: int) -> dict:
         resp = http.post(f"{service['url']}/{prefix}/rank", json=compact(qids[k], *lists[k]))
@@ -152,16 +168,24 @@ def test_batched_and_unbatched_scores_agree(service: dict, http: httpx.Client, s
         return resp.json()
 
     with ThreadPoolExecutor(8) as pool:  # concurrent: they share batches inside the 100 ms window
-        batched = list(pool.map(lambda k: post("b", k), range(8)))
+        batched = list(pool.map(lambda k: post(prefix, k), range(8)))
     unbatched = [post("u", k) for k in range(8)]
     for b, u in zip(batched, unbatched, strict=True):
         assert b["degraded"] is False and b["cached"] is False
         assert [r["id"] for r in b["results"]] == [r["id"] for r in u["results"]]
         np.testing.assert_allclose([r["score"] for r in b["results"]], [r["score"] for r in u["results"]], atol=1e-6)
-    metrics = http.get(f"{service['url']}/b/metrics").text
-    one_request_batches = _sample(metrics, 'rankserve_batch_requests_bucket{le="1.0"}')
-    all_batches = _sample(metrics, "rankserve_batch_requests_count")
-    assert one_request_batches < all_batches, "no batch held more than one request"
+
+    def shared_a_batch(metrics: str) -> bool:
+        return _sample(metrics, 'rankserve_batch_requests_bucket{le="1.0"}') < _sample(
+            metrics, "rankserve_batch_requests_count")
+
+    assert _any_replicas_metrics(http, f"{service['url']}/{prefix}", shared_a_batch), \
+        "no batch held more than one request"
+
+
+def _any_replicas_metrics(http: httpx.Client, url: str, holds, tries: int = 30) -> bool:
+    """Whether some replica's /metrics satisfies `holds` (each replica serves its own: ask a few times)."""
+    return any(holds(http.get(f"{url}/metrics").text) for _ in range(tries))
 
 
 def _sample(metrics: str, name: str) -> float:
@@ -211,12 +235,29 @@ def test_baseline_and_ray_serve_rank_alike(service: dict, http: httpx.Client, ma
     assert base["model"]["name"] == ray_answer["model"]["name"]
 
 
-def test_model_swap_under_traffic_and_new_version_misses(service: dict, http: httpx.Client, scorer) -> None:
-    url = f"{service['url']}/b"
+def _replicas_seen(http: httpx.Client, url: str, want: int, tries: int = 200) -> dict[str, dict]:
+    """GET /readyz until `want` distinct replicas answered (bounded): {replica id: the model it serves}."""
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        ready = http.get(f"{url}/readyz")
+        assert ready.status_code == 200, ready.text
+        seen[ready.json()["replica"]] = ready.json()["model"]
+        if len(seen) >= want:
+            break
+    assert len(seen) == want, f"only replicas {sorted(seen)} answered /readyz"
+    return seen
+
+
+def test_model_swap_reaches_every_replica_and_the_cache_never_answers_with_the_old_model(
+        service: dict, http: httpx.Client, scorer) -> None:
+    """Colocated, 2 replicas, cache on: a swap on one replica reaches both, under traffic."""
+    url = f"{service['url']}/r2"
+    assert {m["variant"] for m in _replicas_seen(http, url, 2).values()} == {"onnx-fp32"}
     ids, X = make_list(20, scorer.n_features, seed=5)
     qid = unique_qid("swap")
     before = http.post(f"{url}/rank", json=compact(qid, ids, X)).json()
     assert before["model"]["variant"] == "onnx-fp32"
+    assert http.post(f"{url}/rank", json=compact(qid, ids, X)).json()["cached"] is True  # in Redis for both
 
     stop = threading.Event()
     answers: list[tuple[int, dict]] = []
@@ -238,21 +279,72 @@ def test_model_swap_under_traffic_and_new_version_misses(service: dict, http: ht
         stop.set()
         thread.join(timeout=120)
     assert swap.status_code == 200, swap.text
-    assert swap.json()["model"]["variant"] == "onnx-fp32-opt"
+    new_model = swap.json()["model"]
+    assert new_model["variant"] == "onnx-fp32-opt" and new_model["version"] != before["model"]["version"]
     assert answers and all(status == 200 and not a["degraded"] for status, a in answers)
     assert {a["model"]["variant"] for _, a in answers} <= {"onnx-fp32", "onnx-fp32-opt"}
 
-    after = http.post(f"{url}/rank", json=compact(qid, ids, X)).json()
-    assert after["model"]["variant"] == "onnx-fp32-opt" and after["model"]["version"] != before["model"]["version"]
-    assert after["cached"] is False  # the new version never serves the old one's answer
-    np.testing.assert_allclose([r["score"] for r in after["results"]], [r["score"] for r in before["results"]], atol=1e-5)
+    # Every replica serves the new model now, and no answer is the old model's (cached or not).
+    assert all(m["version"] == new_model["version"] for m in _replicas_seen(http, url, 2).values())
+    after = [http.post(f"{url}/rank", json=compact(qid, ids, X)).json() for _ in range(12)]
+    assert all(a["model"]["version"] == new_model["version"] for a in after)
+    assert after[0]["cached"] is False  # the new version never serves the old one's answer
+    for a in after:
+        np.testing.assert_allclose([r["score"] for r in a["results"]], [r["score"] for r in before["results"]],
+                                   atol=1e-5)
 
     bad = http.post(f"{url}/admin/model", json={"variant": "no-such-variant"})
     assert bad.status_code == 422 and bad.json()["field"] == "variant"
     back = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32"}, timeout=180)
     assert back.status_code == 200
+    assert all(m["version"] == before["model"]["version"] for m in _replicas_seen(http, url, 2).values())
     again = http.post(f"{url}/rank", json=compact(qid, ids, X)).json()
     assert again["cached"] is True and again["model"] == before["model"]
+
+
+def test_split_swap_keys_the_cache_on_the_new_model(service: dict, http: httpx.Client, scorer) -> None:
+    """Split, 2 ingress replicas: each keys the cache on the model in its user_config, which the swap
+    changes on every replica, so none answers with the old model's cached answer."""
+    url = f"{service['url']}/s"
+    _replicas_seen(http, url, 2)
+    ids, X = make_list(15, scorer.n_features, seed=7)
+    qid = unique_qid("split-swap")
+    before = http.post(f"{url}/rank", json=compact(qid, ids, X)).json()
+    assert http.post(f"{url}/rank", json=compact(qid, ids, X)).json()["cached"] is True
+    try:
+        swap = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32-opt"}, timeout=180)
+        assert swap.status_code == 200, swap.text
+        new_model = {k: swap.json()["model"][k] for k in ("name", "variant", "version")}
+        assert new_model["version"] != before["model"]["version"]
+        after = [http.post(f"{url}/rank", json=compact(qid, ids, X)).json() for _ in range(12)]
+        assert after[0]["cached"] is False and any(a["cached"] for a in after[1:])
+        assert all(a["model"] == new_model for a in after)
+        assert http.get(f"{url}/readyz").json()["model"]["variant"] == "onnx-fp32-opt"
+    finally:
+        back = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32"}, timeout=180)
+    assert back.status_code == 200
+    assert http.post(f"{url}/rank", json=compact(qid, ids, X)).json()["model"] == before["model"]
+
+
+def test_uvicorn_and_ray_serve_the_same_routes(service: dict, http: httpx.Client, scorer) -> None:
+    """One FastAPI app, built once: the same paths and methods on Ray (both topologies) and plain uvicorn."""
+
+    def routes(schema: dict) -> dict[str, list[str]]:
+        return {path: sorted(ops) for path, ops in schema["paths"].items()}
+
+    config = ServiceConfig(variant="onnx-fp32", cache=False)
+    with TestClient(uvicorn_server.create_app(config, scorer=scorer)) as client:
+        plain = routes(client.get("/openapi.json").json())
+    with TestClient(create_app(config, scorer=scorer)) as client:
+        baseline = routes(client.get("/openapi.json").json())
+    assert plain == baseline
+    assert {"/rank", "/healthz", "/readyz", "/metrics", "/admin/model"} <= set(plain)
+    for prefix in ("b", "s"):
+        resp = http.get(f"{service['url']}/{prefix}/openapi.json")
+        assert resp.status_code == 200, resp.text
+        assert routes(resp.json()) == plain, prefix
+    ready = http.get(f"{service['url']}/b/readyz").json()
+    assert ready["model_loaded"] is True and ready["redis"] == "up" and ready["replica"]
 
 
 def test_cli_joins_cluster_prints_ready_and_stops_cleanly(service: dict, http: httpx.Client, manifest: Path,

@@ -64,7 +64,7 @@ def test_shipped_profiles_are_valid_ladders(profile: str) -> None:
     assert {100, 1000} <= set(sweep.list_sizes)
     assert sweep.trials >= 3
     names = [e.name for e in sweep.entries]
-    for step in ("baseline", "int8", "batching", "haproxy", "msgpack", "cache"):
+    for step in ("baseline", "int8", "haproxy", "colocated", "msgpack", "cache"):
         assert step in names
     # Each ladder step names the step before it as its base.
     ladder = [e for e in sweep.entries if e.group == "ladder"]

@@ -1,0 +1,201 @@
+"""The one HTTP API of every ranking server: a FastAPI app built once, over an `HttpService`.
+
+Routes: `POST /rank`, `GET /healthz`, `GET /readyz`, `GET /metrics`, `POST /admin/model`, and the
+OpenAPI (`/openapi.json`, `/docs`). The Ray Serve deployments (serve/app.py, through
+`serve.ingress(builder)`), the plain-uvicorn server (serve/uvicorn_server.py) and the baseline
+(serve/baseline.py) all serve `build_http_app(...)`, so the endpoints are written once and a
+comparison between the servers isolates what is around the app (Ray, or nothing).
+
+An `HttpService` holds what the routes run: the ranking core (serve/ranking.py) over a scoring
+backend, the metrics, the Redis clients, readiness and the model swap. Where the servers differ is
+only how a swap reaches the scorers (`apply_swap`): plain uvicorn loads the new variant in-process;
+Ray redeploys the app with a new `user_config`, which every replica applies in `reconfigure`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from serve.config import ServiceConfig
+from serve.encoding import ParseMode
+from serve.metrics import ServiceMetrics
+from serve.ranking import RankingCore, ScoringBackend, dumps
+from serve.schemas import (
+    ModelSwap,
+    RankResponse,
+    Readiness,
+    RequestError,
+    install_openapi,
+    rank_openapi_extra,
+)
+
+logger = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 5.0
+
+
+class ServiceBackend(ScoringBackend, Protocol):
+    async def probe(self) -> dict[str, Any]:
+        """For /readyz: the identity of the model that scores now; raises if none can."""
+        ...
+
+
+class HttpService:
+    """What the routes run, for one process (a uvicorn server or one Ray replica)."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        backend: ServiceBackend,
+        *,
+        metrics: ServiceMetrics,
+        parse_mode: ParseMode = "fast",
+        redis_url: str | None = None,
+        cache_needs_redis: bool = True,
+        replica: str | None = None,
+    ) -> None:
+        """`redis_url` is passed separately from `config.redis_url`: a Ray replica resolves $REDIS_URL
+        without changing the config it redeploys on a swap. With `cache_needs_redis` a cache without
+        Redis is refused (ValueError); without it the service runs with the cache off and says so."""
+        from serve.cache import AsyncResultCache
+        from serve.feature_store import AsyncFeatureStore
+
+        self.config = config
+        self.backend = backend
+        self.metrics = metrics
+        self.replica = replica
+        self.cache = None
+        if config.cache and redis_url:
+            self.cache = AsyncResultCache(redis_url, ttl_s=config.cache_ttl_s, timeout_s=config.redis_timeout_s)
+        elif config.cache and cache_needs_redis:
+            raise ValueError("cache: needs --redis-url or $REDIS_URL")
+        elif config.cache:
+            logger.warning("cache on but no redis_url and no $REDIS_URL: running without the cache")
+        self.feature_store = AsyncFeatureStore(redis_url) if redis_url else None
+        self.core = RankingCore(
+            backend=backend,
+            metrics=metrics,
+            cache=self.cache,
+            feature_store=self.feature_store,
+            feature_dataset=config.feature_dataset,
+            max_docs=config.max_docs,
+            max_body_bytes=config.max_body_bytes,
+            deadline_ms=config.deadline_ms,
+            parse_mode=parse_mode,
+        )
+
+    async def readiness(self) -> tuple[int, dict[str, Any]]:
+        """(status, body) of /readyz: 200 once a model scores here, else 503."""
+        try:
+            info = await asyncio.wait_for(self.backend.probe(), timeout=PROBE_TIMEOUT_S)
+        except Exception:
+            info = None
+        body = {"model_loaded": info is not None, "redis": await self.redis_state(), "model": info,
+                "replica": self.replica}
+        return (200 if info is not None else 503), body
+
+    async def redis_state(self) -> str:
+        client = self.cache or self.feature_store
+        if client is None:
+            return "disabled"
+        try:
+            ok = await asyncio.wait_for(client.client.ping(), timeout=1)
+        except Exception:
+            ok = False
+        return "up" if ok else "down"
+
+    async def swap_model(self, swap: ModelSwap) -> tuple[int, dict[str, Any]]:
+        """(status, body) of POST /admin/model: 422 naming the field for a model or variant that
+        cannot be served, 409 when the swap itself failed, else 200 with the model that serves now."""
+        try:
+            new_config = await asyncio.to_thread(checked_swap, self.config, swap)
+        except RequestError as exc:
+            return exc.status, exc.to_dict()
+        try:
+            info = await self.apply_swap(new_config)
+        except Exception as exc:  # e.g. an app deployed with `serve deploy` must be updated by its config
+            logger.exception("model swap failed")
+            return 409, {"detail": f"swap failed: {exc}"}
+        self.config = new_config
+        return 200, {"model": info}
+
+    async def apply_swap(self, new_config: ServiceConfig) -> dict[str, Any]:
+        """Make every scorer of this service serve new_config's model; return its identity."""
+        raise NotImplementedError
+
+
+def checked_swap(config: ServiceConfig, swap: ModelSwap) -> ServiceConfig:
+    """The config after `swap`, or RequestError(422) naming the field. Blocking (reads the manifest)."""
+    from export.runtime import load_manifest
+
+    model = swap.model or config.model
+    try:
+        manifest = load_manifest(model, config.manifest_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RequestError(422, "model", str(exc)) from None
+    entry = manifest["variants"].get(swap.variant)
+    if entry is None:
+        raise RequestError(422, "variant",
+                           f"{swap.variant!r} is not in the manifest (has {sorted(manifest['variants'])})")
+    if not entry["valid"]:
+        raise RequestError(422, "variant", f"{swap.variant!r} failed the accuracy gate")
+    return config.model_copy(update={"variant": swap.variant, "model": model})
+
+
+def build_http_app(
+    service: HttpService | Callable[[], HttpService],
+    *,
+    title: str = "rankserve",
+    description: str = "Learning-to-rank serving: POST /rank returns documents best first.",
+) -> FastAPI:
+    """The FastAPI app over `service`, or over a zero-argument function that returns it (called at
+    the first request that needs it, then kept: a Ray replica's service exists only once the replica
+    is up)."""
+    if isinstance(service, HttpService):
+        resolved: list[HttpService] = [service]
+    else:
+        resolved = []
+
+    def current() -> HttpService:
+        if not resolved:
+            resolved.append(service())  # type: ignore[operator]
+        return resolved[0]
+
+    app = FastAPI(title=title, version="0.1.0", description=description)
+    install_openapi(app)
+
+    @app.post("/rank", response_model=RankResponse, openapi_extra=rank_openapi_extra(),
+              responses={400: {}, 413: {}, 415: {}, 422: {}})
+    async def rank(request: Request) -> Response:
+        status, payload = await current().core.handle_request(request)
+        return Response(dumps(payload), status_code=status, media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {}})
+    async def readyz() -> JSONResponse:
+        status, body = await current().readiness()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = current().metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.post("/admin/model", responses={409: {}, 422: {}})
+    async def swap_model(swap: ModelSwap) -> JSONResponse:
+        """Serve another variant (or model) without stopping traffic; the answer names the model now serving."""
+        status, body = await current().swap_model(swap)
+        return JSONResponse(body, status_code=status)
+
+    if resolved:
+        app.state.service = resolved[0]
+        app.state.core = resolved[0].core
+    return app

@@ -1,0 +1,122 @@
+"""The plain-uvicorn server (serve/uvicorn_server.py): the Ray app's FastAPI app, fast parser, optional
+cache, a model swap in-process; and its CLI on a real port, as the sweep starts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from serving_artifacts import build_test_artifacts
+
+from export.runtime import load_scorer
+from models.paths import REPO_ROOT
+from serve.config import ServiceConfig
+from serve.redis_server import free_port
+from serve.uvicorn_server import create_app, parse_args
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_artifacts(tmp_path_factory.getbasetemp() / "serve-artifacts")
+
+
+def make_list(n_docs: int, n_features: int, seed: int = 0) -> tuple[list[int], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return list(range(100, 100 + n_docs)), rng.normal(size=(n_docs, n_features)).astype(np.float32)
+
+
+def test_defaults_are_the_ray_apps_parser_without_cache() -> None:
+    config, parse_mode = parse_args([])
+    assert (config.variant, config.port, config.batching, config.cache) == ("onnx-int8-dynamic", 8002, False, False)
+    assert parse_mode == "fast"
+    config, parse_mode = parse_args(["--cache", "--parse", "naive", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert config.cache is True and parse_mode == "naive"
+
+
+def test_parses_fast_and_caches_in_redis(manifest: Path, redis_url: str) -> None:
+    """`--cache`: the Ray app's parser and result cache on plain uvicorn, to isolate Ray's cost."""
+    scorer = load_scorer("onnx-fp32", manifest_path=manifest)
+    ids, X = make_list(30, scorer.n_features, seed=11)
+    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, redis_url=redis_url,
+                           batching=False)
+    app = create_app(config)
+    assert app.state.core.parse_mode == "fast"
+    body = {"query_id": f"uvicorn-cache-{time.time_ns()}", "doc_ids": ids, "features": X.tolist()}
+    with TestClient(app) as client:
+        first, second = (client.post("/rank", json=body).json() for _ in range(2))
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert [r["id"] for r in first["results"]] == [r["id"] for r in second["results"]]
+    served = {r["id"]: r["score"] for r in first["results"]}
+    np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X), atol=1e-5)
+
+
+def test_cache_without_redis_is_refused_with_the_field_named(manifest: Path) -> None:
+    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, batching=False)
+    with pytest.raises(ValueError, match="cache"):
+        create_app(config)
+
+
+def test_model_swap_in_process_and_the_cache_keys_on_the_new_model(manifest: Path, redis_url: str) -> None:
+    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, redis_url=redis_url)
+    scorer = load_scorer("onnx-fp32", manifest_path=manifest)
+    ids, X = make_list(10, scorer.n_features, seed=12)
+    body = {"query_id": f"uvicorn-swap-{time.time_ns()}", "doc_ids": ids, "features": X.tolist()}
+    with TestClient(create_app(config)) as client:
+        before = [client.post("/rank", json=body).json() for _ in range(2)]
+        assert [b["cached"] for b in before] == [False, True]
+        swap = client.post("/admin/model", json={"variant": "onnx-fp32-opt"})
+        assert swap.status_code == 200, swap.text
+        assert swap.json()["model"]["variant"] == "onnx-fp32-opt"
+        after = client.post("/rank", json=body).json()
+        assert after["cached"] is False and after["model"]["variant"] == "onnx-fp32-opt"
+        assert after["model"]["version"] != before[0]["model"]["version"]
+        assert client.get("/readyz").json()["model"]["variant"] == "onnx-fp32-opt"
+        bad = client.post("/admin/model", json={"variant": "no-such-variant"})
+        assert bad.status_code == 422 and bad.json()["field"] == "variant", bad.text
+        assert client.post("/rank", json=body).json()["model"]["variant"] == "onnx-fp32-opt"
+
+
+def test_cli_serves_and_stops_on_sigterm(manifest: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "serve/uvicorn_server.py", "--port", str(port), "--variant", "onnx-int8-dynamic",
+           "--manifest-path", str(manifest)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+
+    def reader() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(line.startswith("READY") for line in lines):
+            assert proc.poll() is None, lines
+            time.sleep(0.2)
+        assert f"READY http://127.0.0.1:{port}" in lines, lines
+        scorer = load_scorer("onnx-int8-dynamic", manifest_path=manifest)
+        ids, X = make_list(12, scorer.n_features, seed=8)
+        with httpx.Client(timeout=30) as client:
+            resp = client.post(f"http://127.0.0.1:{port}/rank", json={"query_id": "q", "doc_ids": ids,
+                                                                      "features": X.tolist()})
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["model"]["variant"] == "onnx-int8-dynamic"
+            served = {r["id"]: r["score"] for r in resp.json()["results"]}
+            np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X), atol=1e-5)
+            assert client.get(f"http://127.0.0.1:{port}/readyz").json()["model_loaded"] is True
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
