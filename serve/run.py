@@ -122,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.redis_url is None:
             from serve.redis_server import redis_url_or_embedded
 
-            redis_url, embedded = redis_url_or_embedded()
-            run.record(redis_dir=embedded.folder)
+            redis_url, embedded = redis_url_or_embedded()  # $REDIS_URL wins: then nothing is embedded
+            if embedded is not None:
+                run.record(redis_dir=embedded.folder)
             config = config.model_copy(update={"redis_url": redis_url})
         start_ray(config)
         # Again after ray.init: Ray's core worker installs its own SIGTERM handler.

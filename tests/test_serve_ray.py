@@ -352,9 +352,10 @@ def test_cli_joins_cluster_prints_ready_and_stops_cleanly(service: dict, http: h
                                                           scorer) -> None:
     cmd = [sys.executable, "serve/run.py", "--address", service["gcs"], "--variant", "onnx-fp32",
            "--manifest-path", str(manifest), "--app-name", "rs-cli", "--route-prefix", "/cli",
-           "--port", str(service["port"]), "--no-cache", "--no-batching", "--redis-url", cache_redis.url]
+           "--port", str(service["port"]), "--no-cache", "--no-batching"]
+    # Redis from $REDIS_URL, as the sweep gives it (then serve/run.py embeds none)
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "REDIS_URL": cache_redis.url})
     lines: list[str] = []
     try:
         ready = _wait_for_line(proc, "READY ", lines, timeout_s=240)
