@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -143,6 +144,24 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
                     return
         time.sleep(0.2)
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str, lines: list[str], timeout_s: float) -> str:
+    """Read the process's output (in a thread, so the wait is bounded) until a line starts with prefix."""
+    found: list[str] = []
+
+    def reader() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line.rstrip())
+            if line.startswith(prefix) and not found:
+                found.append(line.strip())
+
+    threading.Thread(target=reader, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not found and proc.poll() is None:
+        time.sleep(0.2)
+    assert found, f"no {prefix!r} line within {timeout_s:.0f} s; output: {lines[-30:]}"
+    return found[0]
 
 
 @contextlib.contextmanager

@@ -4,25 +4,16 @@ The optimized plain-uvicorn server (fast parser, cache) is tests/test_uvicorn_se
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from serving_artifacts import build_test_artifacts
 
 from export.runtime import load_scorer
-from models.paths import REPO_ROOT
 from serve.baseline import create_app, parse_args
 from serve.config import ServiceConfig
-from serve.redis_server import free_port
 
 
 @pytest.fixture(scope="module")
@@ -57,40 +48,3 @@ def test_torch_eager_baseline_serves_offline_scores(manifest: Path) -> None:
     assert body["query_id"] == 9 and body["model"]["variant"] == "torch-eager"
     served = {r["id"]: r["score"] for r in body["results"]}  # int ids stay ints
     np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X), atol=1e-5)
-
-
-def test_cli_serves_an_onnx_variant_and_stops_on_sigterm(manifest: Path) -> None:
-    port = free_port()
-    cmd = [sys.executable, "serve/baseline.py", "--port", str(port), "--variant", "onnx-int8-dynamic",
-           "--manifest-path", str(manifest)]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-
-    def reader() -> None:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-
-    threading.Thread(target=reader, daemon=True).start()
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(line.startswith("READY") for line in lines):
-            assert proc.poll() is None, lines
-            time.sleep(0.2)
-        assert f"READY http://127.0.0.1:{port}" in lines, lines
-        scorer = load_scorer("onnx-int8-dynamic", manifest_path=manifest)
-        ids, X = make_list(12, scorer.n_features, seed=8)
-        with httpx.Client(timeout=30) as client:
-            resp = client.post(f"http://127.0.0.1:{port}/rank", json={"query_id": "q", "doc_ids": ids,
-                                                                      "features": X.tolist()})
-            assert resp.status_code == 200, resp.text
-            assert resp.json()["model"]["variant"] == "onnx-int8-dynamic"
-            served = {r["id"]: r["score"] for r in resp.json()["results"]}
-            np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X), atol=1e-5)
-            assert client.get(f"http://127.0.0.1:{port}/readyz").json()["model_loaded"] is True
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, lines
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)

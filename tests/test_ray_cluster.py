@@ -42,7 +42,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,6 +52,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from loadtest_rank_app import wait_for_line
 from ray_cluster import SERVE, LocalRayCluster, free_ports, port_open
 from serving_artifacts import build_test_artifacts
 
@@ -179,24 +179,6 @@ def shutdown_serve(cluster: LocalRayCluster, port: int) -> None:
             and not port_open(port)
 
     wait_until(gone, "Serve shut down", STOP_TIMEOUT_S, last=lambda: cluster.serve_details())
-
-
-def wait_for_line(proc: subprocess.Popen, prefix: str, lines: list[str], timeout_s: float) -> str:
-    """Read the process's output (in a thread, so the wait is bounded) until a line starts with prefix."""
-    found: list[str] = []
-
-    def reader() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line.rstrip())
-            if line.startswith(prefix) and not found:
-                found.append(line.strip())
-
-    threading.Thread(target=reader, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not found and proc.poll() is None:
-        time.sleep(0.2)
-    assert found, f"no {prefix!r} line within {timeout_s:.0f} s; output: {lines[-30:]}"
-    return found[0]
 
 
 # ----------------------------------------------------------------------------------------------

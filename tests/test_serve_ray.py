@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from loadtest_rank_app import wait_for_line
 from serving_artifacts import build_test_artifacts
 
 from export.runtime import load_scorer
@@ -358,7 +359,7 @@ def test_cli_joins_cluster_prints_ready_and_stops_cleanly(service: dict, http: h
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "REDIS_URL": cache_redis.url})
     lines: list[str] = []
     try:
-        ready = _wait_for_line(proc, "READY ", lines, timeout_s=240)
+        ready = wait_for_line(proc, "READY ", lines, timeout_s=240)
         assert ready == f"READY {service['url']}/cli", lines
         ids, X = make_list(5, scorer.n_features, seed=6)
         resp = http.post(f"{service['url']}/cli/rank", json=compact("cli", ids, X))
@@ -371,21 +372,3 @@ def test_cli_joins_cluster_prints_ready_and_stops_cleanly(service: dict, http: h
             proc.wait(timeout=30)
     assert http.get(f"{service['url']}/cli/healthz").status_code == 404  # its app is gone
     assert http.get(f"{service['url']}/b/healthz").status_code == 200  # the cluster's other apps are not
-
-
-def _wait_for_line(proc: subprocess.Popen, prefix: str, lines: list[str], timeout_s: float) -> str:
-    """Read the process's output (in a thread, so the wait is bounded) until a line starts with prefix."""
-    found: list[str] = []
-
-    def reader() -> None:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith(prefix) and not found:
-                found.append(line.strip())
-
-    threading.Thread(target=reader, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not found and proc.poll() is None:
-        time.sleep(0.2)
-    assert found, f"no {prefix!r} line; output: {lines[-20:]}"
-    return found[0]

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from loadtest_rank_app import wait_for_line
 from serving_artifacts import build_test_artifacts
 
 from export.runtime import load_scorer
@@ -85,24 +85,17 @@ def test_model_swap_in_process_and_the_cache_keys_on_the_new_model(manifest: Pat
         assert client.post("/rank", json=body).json()["model"]["variant"] == "onnx-fp32-opt"
 
 
-def test_cli_serves_and_stops_on_sigterm(manifest: Path) -> None:
+@pytest.mark.parametrize("script", ["serve/uvicorn_server.py", "serve/baseline.py"])
+def test_cli_serves_and_stops_on_sigterm(manifest: Path, script: str) -> None:
+    """Both plain-uvicorn servers (the reference and the naive baseline) serve an ONNX variant and stop."""
     port = free_port()
-    cmd = [sys.executable, "serve/uvicorn_server.py", "--port", str(port), "--variant", "onnx-int8-dynamic",
+    cmd = [sys.executable, script, "--port", str(port), "--variant", "onnx-int8-dynamic",
            "--manifest-path", str(manifest)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
-
-    def reader() -> None:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-
-    threading.Thread(target=reader, daemon=True).start()
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(line.startswith("READY") for line in lines):
-            assert proc.poll() is None, lines
-            time.sleep(0.2)
+        wait_for_line(proc, "READY", lines, timeout_s=120)
         assert f"READY http://127.0.0.1:{port}" in lines, lines
         scorer = load_scorer("onnx-int8-dynamic", manifest_path=manifest)
         ids, X = make_list(12, scorer.n_features, seed=8)
