@@ -151,7 +151,8 @@ def test_degraded_answers_are_failures_not_successes(payload_file: Path, tmp_pat
         assert r.degraded == 60 and r.good == 0 and r.goodput_per_s == 0.0
         assert r.latency_ms["count"] == 0  # no latency is recorded for a degraded answer
         out = max_throughput_under_slo(url, payload_file, slo_p99_ms=1000.0, min_duration_s=0.5, min_queries=40,
-                                       confidence=0.0, start_rate_per_s=20.0, max_steps=2, out_dir=tmp_path)
+                                       confidence=0.0, start_rate_per_s=20.0, max_steps=2, out_dir=tmp_path,
+                                       late_ms=50.0)  # unpinned on a shared machine: judge the service
     assert isinstance(out, SloResult) and out.status == INVALID and out.max_rate_per_s is None
     steps = out.step_records()
     assert not any(step.outcome == "pass" for step in steps)
@@ -266,6 +267,7 @@ def test_max_throughput_under_slo_live(rank_url: str, payload_file: Path, tmp_pa
     out = max_throughput_under_slo(
         rank_url, payload_file, slo_p99_ms=500.0, min_duration_s=0.5, min_queries=200, profile="quick",
         confidence=0.40, start_rate_per_s=100.0, max_steps=2, time_budget_s=120.0, out_dir=tmp_path,
+        late_ms=50.0,  # unpinned on a shared machine: this test is about statuses and seeds, not lateness
     )  # fmt: skip
     assert out.status == LOWER_BOUND, out.reasons  # both steps passed: the limit is higher
     steps = out.step_records()
