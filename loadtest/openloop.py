@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import json
 import math
@@ -51,6 +52,11 @@ from loadtest.recorder import AnswerRecorder, CpuClock, merge_cpu
 START_LEAD_S = 0.05  # the first arrival is scheduled this long after setup, so it is not born late
 PROCESS_START_LEAD_S = 1.0  # the same for a multi-process trial: children fork, connect, then start
 SLEEP_AHEAD_S = 0.0015  # sleep (millisecond timers) until this close to a send, then poll the loop
+# Why a pinned generator spins (polls its loop without sleeping) instead: on these KVM machines a core
+# that goes idle wakes up late. Sleeping until 1.5 ms before each send, 0.5-1.5% of sends left 2 to
+# 11 ms late at 300/s while nothing else ran on the core (perf sched: no wait for the CPU); polling,
+# none left more than 1 ms late (max lag 0.1-0.9 ms). The core is the generator's own, so spinning
+# costs the service nothing; unpinned, the generator sleeps so as not to take a shared core.
 GENERATOR_BOUND_LATE_FRACTION = 0.01  # more own-late sends than this: the trial measured the generator
 EXPIRE_EVERY_S = 0.1
 
@@ -116,6 +122,11 @@ class OpenLoopConfig:
     slo_ms: float | None = None  # goodput counts good answers within it
     processes: int = 1
     cpus: list[int] = field(default_factory=list)  # pin process k to cpus[k % len(cpus)]
+    spin: bool | None = None  # poll the loop between sends, never sleep; None: when pinned to `cpus`
+
+    @property
+    def spins(self) -> bool:
+        return self.spin if self.spin is not None else bool(self.cpus)
 
     def __post_init__(self) -> None:
         require_loopback(self.host)
@@ -203,15 +214,26 @@ async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | 
     start = clock() + START_LEAD_S if t0 is None else t0
     cpu = CpuClock()
     sleep = asyncio.sleep
-    for i, offset in enumerate(times.tolist()):
-        target = start + offset
-        now = clock()
-        while now < target:
-            ahead = target - now
-            await sleep(ahead - SLEEP_AHEAD_S if ahead > 2 * SLEEP_AHEAD_S else 0)
+    nap_above = math.inf if cfg.spins else 2 * SLEEP_AHEAD_S
+    # No collector pauses during the run (answers allocate many small objects; a full collection
+    # took up to 4 ms here): objects are freed by reference counting, the run is bounded, and the
+    # collector runs again afterwards.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        for i, offset in enumerate(times.tolist()):
+            target = start + offset
             now = clock()
-        req = prepared[which[i]]
-        pool.submit(req.parts(nonces[i]), target, req.n_docs, i)
+            while now < target:
+                ahead = target - now
+                await sleep(ahead - SLEEP_AHEAD_S if ahead > nap_above else 0)
+                now = clock()
+            req = prepared[which[i]]
+            pool.submit(req.parts(nonces[i]), target, req.n_docs, i)
+    finally:
+        gc.enable()
+        gc.unfreeze()
     deadline = clock() + cfg.drain_timeout_s
     while pool.in_flight and clock() < deadline:
         await sleep(0.001)
@@ -330,6 +352,7 @@ def summarize(cfg: OpenLoopConfig, payloads: PayloadSet, shares: list[_ShareResu
         "generator_bound": own_late_fraction > GENERATOR_BOUND_LATE_FRACTION,
         "generator_cpu": merge_cpu([s.cpu for s in shares]),
         "processes": cfg.processes,
+        "spin": cfg.spins,
         "encoding": payloads.encoding,
         "sizes": payloads.sizes,
         "unique_queries": cfg.unique_queries,
@@ -367,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--slo-ms", type=float, default=None, help="goodput counts good answers within this latency")
     ap.add_argument("--processes", type=int, default=1, help="generator processes (one core each)")
     ap.add_argument("--cpus", default="", help="comma-separated cores for the generator processes")
+    ap.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                    help="poll the event loop between sends instead of sleeping (default: when --cpus pins "
+                         "the generator to cores of its own; an idle core wakes up late on a VM)")
     ap.add_argument("--reuse-queries", action="store_true", help="send the payloads' own query ids (cache hits)")
     ap.add_argument("--zipf-s", type=float, default=None,
                     help="draw queries with Zipf(s) popularity (repeat traffic for a cache), as cache-mix does")
@@ -386,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         expected_latency_ms=args.expected_latency_ms, late_ms=args.late_ms, request_timeout_s=args.request_timeout,
         drain_timeout_s=args.request_timeout, unique_queries=not args.reuse_queries, zipf_s=args.zipf_s,
         slo_ms=args.slo_ms, processes=args.processes, cpus=[int(c) for c in args.cpus.split(",") if c.strip()],
+        spin=args.spin,
     )  # fmt: skip
     result = run_trial(cfg, PayloadSet.load(args.payloads))
     result["config"] = asdict(cfg)

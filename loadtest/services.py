@@ -167,7 +167,7 @@ class UvicornServer(Service):
     cache), an ONNX variant scored in-process: isolates Ray's cost."""
 
     script = "uvicorn_server.py"
-    options = (*_BASELINE_OPTIONS, "cache", "cache_ttl_s")
+    options = (*_BASELINE_OPTIONS, "cache", "cache_ttl_s", "inline_max_docs")
     always = ("port", "variant", "threads")
     defaults = {"batching": False, "cache": False, "port": 8002}
     extra_args = ("--parse", "fast")
@@ -178,7 +178,7 @@ class RayServe(Service):
 
     script = "run.py"
     options = ("variant", "model", "manifest_path", "topology", "max_batch_docs", "batch_wait_ms",
-               "inference_workers", "max_ongoing_requests", "batching", "cache", "cache_ttl_s", "feature_dataset",
+               "inference_workers", "inline_max_docs", "max_ongoing_requests", "batching", "cache", "cache_ttl_s", "feature_dataset",
                "replicas", "max_replicas_per_node", "autoscaling_max_replicas", "ingress_replicas", "threads", "ingress",
                "port", "num_cpus",
                "deadline_ms", "max_docs", "max_body_bytes")

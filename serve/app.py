@@ -13,8 +13,10 @@ the builder runs on each replica and builds the app over that replica's `HttpSer
 uvicorn (serve/uvicorn_server.py) and the baseline serve the same routes, written once.
 
 Scoring in a replica (`ReplicaScorer`: the colocated replica, split's ranker): the variant comes from
-the deployment's `user_config` (variant, model, threads, batching); inference runs in a dedicated
-thread pool (ONNX Runtime releases the GIL), never on the replica's event loop. With batching,
+the deployment's `user_config` (variant, model, threads, inline_max_docs, batching). A list of at most
+`inline_max_docs` documents is scored on the replica's event loop (cheaper than the thread hop: see
+serve/ranking.py's `timed_score`); a longer one, and every batch, in a dedicated inference thread pool
+(ONNX Runtime releases the GIL). With batching,
 `@serve.batch` batches on the total number of documents (`batch_size_fn`), not the number of
 requests; a list larger than the batch budget is scored on its own; `max_ongoing_requests` is at
 least a full batch of small lists (a batch never fills past the replica's concurrency).
@@ -51,8 +53,8 @@ from ray.serve.handle import DeploymentHandle
 from serve.config import MODEL_FIELDS, ServiceConfig
 from serve.http_app import HttpService, build_http_app
 from serve.metrics import ServiceMetrics
-from serve.ranking import ScoreOutcome, model_identity, model_of, score_lists
-from serve.ray_setup import DEPLOYMENT_SHUTDOWN_OPTIONS
+from serve.ranking import ScoreOutcome, model_identity, model_of, timed_score
+from serve.ray_setup import DEPLOYMENT_SHUTDOWN_OPTIONS, ray_metrics_enabled
 
 logger = logging.getLogger("ray.serve")
 RANKER_FIELDS = frozenset(ServiceConfig().ranker_user_config())
@@ -74,13 +76,6 @@ class _Item:
 def _docs_in(items: list[_Item]) -> int:
     """`@serve.batch`'s batch size: documents, not requests."""
     return sum(item.n_docs for item in items)
-
-
-def _timed_score(scorer: Any, lists: list[np.ndarray]) -> tuple[float, float, list[np.ndarray]]:
-    """Runs in the inference thread: (start, end, scores per list)."""
-    start = time.perf_counter()
-    scores = score_lists(scorer, lists)
-    return start, time.perf_counter(), scores
 
 
 def _name_of(scorer: Any) -> dict[str, str]:
@@ -131,8 +126,11 @@ class ReplicaScorer:
         if self._scoring_config.get("batching") and len(features) <= self._scoring_config["max_batch_docs"]:
             return await self._score_batch(_Item(features, arrival))
         scorer = self._scorer
-        loop = asyncio.get_running_loop()
-        start, end, scores = await loop.run_in_executor(self._executor, _timed_score, scorer, [features])
+        if len(features) <= self._scoring_config.get("inline_max_docs", 0):
+            start, end, scores = timed_score(scorer, [features])  # why: serve/ranking.py's timed_score
+        else:
+            loop = asyncio.get_running_loop()
+            start, end, scores = await loop.run_in_executor(self._executor, timed_score, scorer, [features])
         return ScoreOutcome(
             scores=scores[0],
             model=_name_of(scorer),
@@ -148,7 +146,7 @@ class ReplicaScorer:
         scorer = self._scorer
         loop = asyncio.get_running_loop()
         start, end, scores = await loop.run_in_executor(
-            self._executor, _timed_score, scorer, [item.features for item in items]
+            self._executor, timed_score, scorer, [item.features for item in items]
         )
         model = _name_of(scorer)
         n_docs = _docs_in(items)
@@ -184,7 +182,8 @@ def _service_for(config: ServiceConfig, backend: Any) -> RayHttpService:
         replica = serve.get_replica_context().replica_tag
     except Exception:  # outside a replica (unit tests)
         replica = None
-    return RayHttpService(config, backend, metrics=ServiceMetrics(use_ray=True), parse_mode="fast",
+    # Mirrored to Ray's metrics only where Ray collects them: a record costs every request otherwise.
+    return RayHttpService(config, backend, metrics=ServiceMetrics(use_ray=ray_metrics_enabled()), parse_mode="fast",
                           redis_url=config.redis_url or os.environ.get("REDIS_URL"), cache_needs_redis=False,
                           replica=replica)
 

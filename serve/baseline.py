@@ -47,7 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, ParseM
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     uvicorn_server.add_server_options(p, variant=BASELINE_VARIANT, port=DEFAULT_PORT)
     options = vars(p.parse_args(argv))
-    return ServiceConfig(**options, batching=False, cache=False), "naive"
+    # inline_max_docs=0: inference in the thread pool, as a FastAPI `def` endpoint runs it.
+    return ServiceConfig(**options, batching=False, cache=False, inline_max_docs=0), "naive"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

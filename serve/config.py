@@ -40,6 +40,11 @@ class ServiceConfig(BaseModel):
     inference_workers: int = Field(
         1, ge=1, description="threads per scoring replica that run inference calls (ORT releases the GIL)"
     )
+    inline_max_docs: int = Field(
+        256, ge=0,
+        description="lists of at most this many documents are scored on the event loop, not in the "
+                    "inference threads: a short call costs less than the thread hop (see serve/ranking.py); 0: never",
+    )
 
     # Dynamic batching (`@serve.batch` in each scoring replica), flushed on a budget of documents.
     batching: bool | None = Field(
@@ -136,6 +141,7 @@ class ServiceConfig(BaseModel):
             "model": self.model,
             "manifest_path": self.manifest_path,
             "threads": self.threads,
+            "inline_max_docs": self.inline_max_docs,
             "batching": self.batching,
             "max_batch_docs": self.max_batch_docs,
             "batch_wait_ms": self.batch_wait_ms,

@@ -79,12 +79,14 @@ def model_identity(variant: str, model: str | None = None, manifest_path: str | 
 class LocalBackend:
     """The scorer in this process, called once per request (no batching): plain uvicorn and the baseline.
 
-    Inference runs in Starlette's thread pool (what a FastAPI `def` endpoint does), never on the event
-    loop. `scorer` is replaced in one assignment by a model swap; a call already running keeps its own.
+    A list of at most `inline_max_docs` documents is scored on the event loop (`score_inline`); a
+    longer one in Starlette's thread pool (what a FastAPI `def` endpoint does). `scorer` is replaced
+    in one assignment by a model swap; a call already running keeps its own.
     """
 
-    def __init__(self, scorer: Any) -> None:
+    def __init__(self, scorer: Any, inline_max_docs: int = 0) -> None:
         self.scorer = scorer
+        self.inline_max_docs = inline_max_docs
 
     async def model_info(self) -> dict[str, Any]:
         return model_of(self.scorer)
@@ -96,15 +98,12 @@ class LocalBackend:
     async def score(self, features: np.ndarray) -> ScoreOutcome:
         arrival = time.perf_counter()
         scorer = self.scorer
-
-        def run() -> tuple[float, float, np.ndarray]:
-            start = time.perf_counter()
-            scores = score_lists(scorer, [features])[0]
-            return start, time.perf_counter(), scores
-
-        start, end, scores = await run_in_threadpool(run)
+        if len(features) <= self.inline_max_docs:
+            start, end, scores = timed_score(scorer, [features])
+        else:
+            start, end, scores = await run_in_threadpool(timed_score, scorer, [features])
         return ScoreOutcome(
-            scores=scores,
+            scores=scores[0],
             model={"name": scorer.model, "variant": scorer.variant, "version": scorer.version},
             queue_ms=(start - arrival) * 1000,
             inference_ms=(end - start) * 1000,
@@ -112,6 +111,21 @@ class LocalBackend:
             batch_requests=1,
             batch_first=True,
         )
+
+
+def timed_score(scorer: Any, lists: Sequence[np.ndarray]) -> tuple[float, float, list[np.ndarray]]:
+    """`score_lists` with its (start, end) perf_counter times: run inline or in an inference thread.
+
+    Why short lists are scored inline (`inline_max_docs`): ONNX Runtime releases the GIL, but the
+    thread that ran it must take the GIL back to return, and while the event loop is busy parsing
+    other requests it waits for the interpreter's switch interval (5 ms) before the loop yields it.
+    On a replica with one core, a loaded one, that wait was most of a 100-document request's
+    latency, and the hop itself (a future, two context switches) costs more CPU than it saves:
+    the loop cannot run anything else on that core while inference runs anyway.
+    """
+    start = time.perf_counter()
+    scores = score_lists(scorer, lists)
+    return start, time.perf_counter(), scores
 
 
 def score_lists(scorer: Any, lists: Sequence[np.ndarray]) -> list[np.ndarray]:

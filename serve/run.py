@@ -61,6 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     p.add_argument("--ingress-replicas", type=int, default=1, help="split only: ingress replicas")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per scoring replica")
     p.add_argument("--inference-workers", type=int, default=1, help="inference threads per scoring replica")
+    p.add_argument("--inline-max-docs", type=int, default=ServiceConfig().inline_max_docs,
+                   help="lists of at most this many documents are scored on the replica's event loop, longer "
+                        "ones in its inference threads (0: always the threads)")
     p.add_argument("--ingress", choices=["default", "haproxy"], default="default")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

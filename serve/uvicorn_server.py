@@ -2,7 +2,8 @@
 
 The reference that isolates Ray Serve's cost: the same routes, the same ranking core, the same fast
 parser (orjson straight into numpy) and, with `--cache`, the same Redis result cache as the Ray Serve
-deployment, over an ONNX Runtime variant scored in-process (Starlette's thread pool, no batching).
+deployment, over an ONNX Runtime variant scored in-process (short lists on the event loop, long ones in Starlette's
+thread pool: `--inline-max-docs`; no batching).
 Whatever a Ray Serve row costs over this one is Ray.
 
     python serve/uvicorn_server.py [--variant onnx-int8-dynamic] [--port 8002] [--cache] [--threads 1]
@@ -64,7 +65,7 @@ def create_app(config: ServiceConfig, scorer: Any = None, parse_mode: ParseMode 
         from export.runtime import load_scorer
 
         scorer = load_scorer(config.variant, config.model, threads=config.threads, manifest_path=config.manifest_path)
-    service = LocalHttpService(config, LocalBackend(scorer), metrics=ServiceMetrics(use_ray=False),
+    service = LocalHttpService(config, LocalBackend(scorer, config.inline_max_docs), metrics=ServiceMetrics(use_ray=False),
                                parse_mode=parse_mode, redis_url=config.redis_url, cache_needs_redis=True)
     return build_http_app(service, title=title, description=description)
 
@@ -94,6 +95,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, ParseM
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=False,
                    help="the Redis result cache (needs --redis-url or $REDIS_URL)")
     p.add_argument("--cache-ttl-s", type=float, default=300.0)
+    p.add_argument("--inline-max-docs", type=int, default=ServiceConfig().inline_max_docs,
+                   help="lists of at most this many documents are scored on the event loop, longer ones in "
+                        "the thread pool (0: always the thread pool)")
     options = vars(p.parse_args(argv))
     parse_mode = options.pop("parse")
     return ServiceConfig(**options, batching=False), parse_mode

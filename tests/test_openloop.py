@@ -13,7 +13,7 @@ import pytest
 from broken_scorer_service import running_broken_service
 from scipy import stats
 
-from loadtest.openloop import poisson_schedule, require_loopback, run_schedule
+from loadtest.openloop import OpenLoopConfig, poisson_schedule, require_loopback, run_schedule
 from loadtest.payloads import PayloadSet, build_payloads
 from loadtest.records import (
     CONVERGED,
@@ -131,6 +131,21 @@ def test_generator_is_pinned_to_the_given_cpus(rank_url: str, payload_file: Path
     cpu = min(os.sched_getaffinity(0))
     r = run_open_loop(rank_url, payload_file, 50.0, 0.5, cpus=[cpu], out_dir=tmp_path)
     assert r.failures == 0 and r.extra["cpu_affinity"] == [cpu]
+    assert r.extra["spin"] is True  # a pinned generator polls its own core instead of sleeping
+
+
+def test_a_generator_spins_only_where_it_has_cores_of_its_own() -> None:
+    assert OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=10, count=5, cpus=[1]).spins
+    assert not OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=10, count=5).spins
+    assert OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=10, count=5, spin=True).spins
+    assert not OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=10, count=5, cpus=[1], spin=False).spins
+
+
+def test_an_unpinned_generator_sleeps_between_sends(rank_url: str, payload_file: Path, tmp_path: Path) -> None:
+    r = run_open_loop(rank_url, payload_file, 20.0, 1.0, out_dir=tmp_path)
+    assert r.failures == 0 and r.extra["spin"] is False
+    # 20 sends a second with a sleeping loop: far below one core (a spinning one uses all of it).
+    assert r.generator_cpu["utilization"] < 0.8
 
 
 def test_cache_hits_when_queries_repeat(rank_url: str, payload_file: Path, tmp_path: Path) -> None:

@@ -308,10 +308,13 @@ def test_fast_mode_environment() -> None:
     assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 2  # a stop in seconds
     assert env["RAY_SERVE_HAPROXY_NBTHREAD"] == "1"  # no more HAProxy threads than cores
     assert env["RAY_worker_niceness"] == "0" and env["RAY_enable_metrics_collection"] == "0"
+    assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"  # no per-request log line for Ray's metrics
     assert ray_setup.ray_environment(ServiceConfig(ingress="haproxy", num_cpus=16))["RAY_SERVE_HAPROXY_NBTHREAD"] == "4"
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in ray_setup.ray_environment(ServiceConfig(ingress="default"))
     # Asking for Ray's metrics keeps them on.
-    assert "RAY_enable_metrics_collection" not in ray_setup.ray_environment(ServiceConfig(metrics_export_port=8080))
+    with_metrics = ray_setup.ray_environment(ServiceConfig(ingress="haproxy", metrics_export_port=8080))
+    assert "RAY_enable_metrics_collection" not in with_metrics
+    assert "RAY_SERVE_HAPROXY_METRICS_ENABLED" not in with_metrics
 
 
 HUNG_STOP = """

@@ -113,3 +113,44 @@ def test_cli_serves_and_stops_on_sigterm(manifest: Path, script: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_short_lists_are_scored_on_the_event_loop_long_ones_in_the_thread_pool() -> None:
+    """inline_max_docs: a list at most that long is scored by the event loop's thread; a longer one in
+    a worker thread (a fake scorer records which thread ran it: pure dispatch logic)."""
+    import asyncio
+    import threading
+
+    from serve.ranking import LocalBackend
+
+    class ThreadRecordingScorer:
+        model, variant, version, pointwise, n_features = "m", "v", "1", True, 3
+
+        def __init__(self) -> None:
+            self.threads: list[int] = []
+
+        def score_documents(self, rows: np.ndarray) -> np.ndarray:
+            self.threads.append(threading.get_ident())
+            return rows.sum(axis=1)
+
+    async def scored_by(backend: LocalBackend, n_docs: int) -> tuple[int, int]:
+        out = await backend.score(np.ones((n_docs, 3), dtype=np.float32))
+        assert out.scores.shape == (n_docs,)
+        return backend.scorer.threads[-1], threading.get_ident()
+
+    scorer = ThreadRecordingScorer()
+    inline = LocalBackend(scorer, inline_max_docs=8)
+    ran_on, loop_thread = asyncio.run(scored_by(inline, 8))
+    assert ran_on == loop_thread
+    ran_on, loop_thread = asyncio.run(scored_by(inline, 9))
+    assert ran_on != loop_thread
+    ran_on, loop_thread = asyncio.run(scored_by(LocalBackend(scorer), 1))  # default 0: always the pool
+    assert ran_on != loop_thread
+
+
+def test_the_baseline_keeps_the_thread_pool_and_uvicorn_scores_short_lists_inline() -> None:
+    from serve import baseline
+
+    assert baseline.parse_args([])[0].inline_max_docs == 0  # as a FastAPI `def` endpoint runs it
+    assert parse_args([])[0].inline_max_docs == ServiceConfig().inline_max_docs > 0
+    assert parse_args(["--inline-max-docs", "0"])[0].inline_max_docs == 0
