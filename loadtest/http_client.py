@@ -127,7 +127,8 @@ class ConnectionPool:
     connection opens, up to `max_connections`. Sends more than `late_s` after their schedule are
     counted in `late` (with the largest lag in `max_lag_s`) when a connection was free: that lag is the
 generator's own. A send that waited for a connection is counted in `late_after_wait` instead: the
-service held every connection.
+service held every connection. One that the driver marks `woke_late` (its loop slept past the
+wake-up time, using no CPU) is counted in `late_wakeups`: the machine's lag, not the generator's.
     """
 
     def __init__(self, host: str, port: int, on_answer: AnswerCallback, *, max_connections: int = 256,
@@ -141,9 +142,10 @@ service held every connection.
         self.live: set[Connection] = set()
         self.opening = 0
         self.queue: deque[tuple[list[bytes], float, int, int]] = deque()
-        self.n_sent = self.late = self.late_after_wait = self.waited = 0
+        self.n_sent = self.late = self.late_wakeups = self.late_after_wait = self.waited = 0
+        self.woke_late = False  # set by the driver: the next send's lag comes from a late wake-up
         self.connections_opened = self.connect_errors = 0
-        self.max_lag_s = self.first_send = self.last_send = 0.0
+        self.max_lag_s = self.max_wakeup_lag_s = self.first_send = self.last_send = 0.0
         self._loop = asyncio.get_running_loop()
 
     # -- connections ----------------------------------------------------------------------------------
@@ -205,6 +207,10 @@ service held every connection.
         lag_s = now - scheduled
         if waited:
             self.late_after_wait += lag_s > self.late_s
+            return
+        if self.woke_late:  # the generator slept past its wake-up time: the machine's lag, not its cost
+            self.late_wakeups += lag_s > self.late_s
+            self.max_wakeup_lag_s = max(self.max_wakeup_lag_s, lag_s)
             return
         if lag_s > self.late_s:
             self.late += 1

@@ -154,12 +154,13 @@ def run_self_test(seconds_per_step: float = 3.0, rates: tuple[int, ...] = RATES,
             for seed, rate in enumerate(rates):
                 cfg = OpenLoopConfig(host=url, rate_per_s=float(rate), count=int(rate * seconds_per_step),
                                      seed=seed, expected_latency_ms=1.0, late_ms=1.0, request_timeout_s=10.0,
-                                     drain_timeout_s=10.0, spin=generator_cpu is not None)
+                                     drain_timeout_s=10.0)
                 trial = run_trial(cfg, payloads)
                 on_time = 1.0 - trial["late_sends"] / trial["sent"] if trial["sent"] else 0.0
                 step = {"rate_per_s": rate, "offered_rate_per_s": trial["offered_rate_per_s"],
                         "achieved_rate_per_s": trial["achieved_rate_per_s"], "sent": trial["sent"],
-                        "late_sends": trial["late_sends"], "waited_for_slot": trial["waited_for_slot"],
+                        "late_sends": trial["late_sends"], "late_wakeups": trial["late_wakeups"],
+                        "waited_for_slot": trial["waited_for_slot"],
                         "on_time_fraction": on_time, "failures": trial["failures"],
                         "latency_ms": trial["latency_ms"], "uncorrected_latency_ms": trial["uncorrected_latency_ms"],
                         "generator_cpu": trial["generator_cpu"], "connections": trial["connections_opened"]}
@@ -181,7 +182,6 @@ def run_self_test(seconds_per_step: float = 3.0, rates: tuple[int, ...] = RATES,
         "seconds_per_step": seconds_per_step,
         "responder_cpu": responder_cpu,
         "generator_cpu": generator_cpu,
-        "spin": generator_cpu is not None,  # as the sweep's pinned generator runs (loadtest/openloop.py)
         "round_trip_floor_p50_ms": floor,
         "max_rate_on_time_per_s": best["rate_per_s"] if best else None,
         "p50_at_max_ms": best["latency_ms"]["p50"] if best else None,

@@ -131,21 +131,48 @@ def test_generator_is_pinned_to_the_given_cpus(rank_url: str, payload_file: Path
     cpu = min(os.sched_getaffinity(0))
     r = run_open_loop(rank_url, payload_file, 50.0, 0.5, cpus=[cpu], out_dir=tmp_path)
     assert r.failures == 0 and r.extra["cpu_affinity"] == [cpu]
-    assert r.extra["spin"] is True  # a pinned generator polls its own core instead of sleeping
+    assert r.extra["spin"] is False  # it sleeps between sends unless told to spin
 
 
-def test_a_generator_spins_only_where_it_has_cores_of_its_own() -> None:
-    assert OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=10, count=5, cpus=[1]).spins
-    assert not OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=10, count=5).spins
-    assert OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=10, count=5, spin=True).spins
-    assert not OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=10, count=5, cpus=[1], spin=False).spins
+def test_late_wakeups_are_told_apart_from_the_generators_own_lateness(payload_file: Path) -> None:
+    """A generator that sleeps past its wake-up time used no CPU: `late_wakeups`; one kept busy
+    (here: every answer takes 5 ms of its CPU) is late by its own cost: `late_sends`."""
+    import asyncio
+    import time
 
+    from loadtest import openloop
+    from loadtest.selftest import trivial_responder
 
-def test_an_unpinned_generator_sleeps_between_sends(rank_url: str, payload_file: Path, tmp_path: Path) -> None:
-    r = run_open_loop(rank_url, payload_file, 20.0, 1.0, out_dir=tmp_path)
-    assert r.failures == 0 and r.extra["spin"] is False
-    # 20 sends a second with a sleeping loop: far below one core (a spinning one uses all of it).
-    assert r.generator_cpu["utilization"] < 0.8
+    payloads = PayloadSet.load(payload_file)
+    with trivial_responder(None) as url:
+        cfg = OpenLoopConfig(host=url, rate_per_s=200.0, count=200, seed=3, late_ms=1.0)
+        real_sleep = asyncio.sleep
+
+        async def oversleeping(delay: float) -> None:  # a timer that fires 3 ms late, the machine's lag
+            await real_sleep(delay + 0.003 if delay > 0 else 0)
+
+        openloop.asyncio.sleep = oversleeping  # type: ignore[assignment]
+        try:
+            slept = openloop.run_trial(cfg, payloads)
+        finally:
+            openloop.asyncio.sleep = real_sleep  # type: ignore[assignment]
+        assert slept["late_wakeups"] > 0.2 * slept["sent"] and slept["late_sends"] < 0.2 * slept["late_wakeups"]
+        assert slept["max_wakeup_lag_ms"] >= 2.0
+
+        original = openloop.AnswerRecorder.answer
+
+        def busy_answer(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            end = time.thread_time() + 0.005
+            while time.thread_time() < end:
+                pass
+            return original(self, *args, **kwargs)
+
+        openloop.AnswerRecorder.answer = busy_answer  # type: ignore[method-assign]
+        try:
+            busy = openloop.run_trial(OpenLoopConfig(host=url, rate_per_s=400.0, count=300, seed=4), payloads)
+        finally:
+            openloop.AnswerRecorder.answer = original  # type: ignore[method-assign]
+        assert busy["late_sends"] > max(0.01 * busy["sent"], busy["late_wakeups"]) and busy["generator_bound"]
 
 
 def test_cache_hits_when_queries_repeat(rank_url: str, payload_file: Path, tmp_path: Path) -> None:
