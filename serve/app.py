@@ -53,7 +53,7 @@ from ray.serve.handle import DeploymentHandle
 from serve.config import MODEL_FIELDS, ServiceConfig
 from serve.http_app import HttpService, build_http_app
 from serve.metrics import ServiceMetrics
-from serve.ranking import ScoreOutcome, model_identity, model_of, timed_score
+from serve.ranking import ScoreOutcome, local_outcome, model_identity, model_of, timed_score
 from serve.ray_setup import DEPLOYMENT_SHUTDOWN_OPTIONS, ray_metrics_enabled
 
 logger = logging.getLogger("ray.serve")
@@ -121,25 +121,27 @@ class ReplicaScorer:
     async def probe(self) -> dict[str, Any]:
         return await self.model_info()
 
+    def score_inline(self, features: np.ndarray) -> ScoreOutcome | None:
+        """A short list scored now, on the replica's event loop (None: a batch or the inference threads)."""
+        config = self._scoring_config
+        if config.get("batching") and len(features) <= config["max_batch_docs"]:
+            return None
+        if len(features) > config.get("inline_max_docs", 0):
+            return None
+        scorer = self._scorer
+        return local_outcome(scorer, features, time.perf_counter(), *timed_score(scorer, [features]))
+
     async def score(self, features: np.ndarray) -> ScoreOutcome:
         arrival = time.perf_counter()
         if self._scoring_config.get("batching") and len(features) <= self._scoring_config["max_batch_docs"]:
             return await self._score_batch(_Item(features, arrival))
+        outcome = self.score_inline(features)
+        if outcome is not None:
+            return outcome
         scorer = self._scorer
-        if len(features) <= self._scoring_config.get("inline_max_docs", 0):
-            start, end, scores = timed_score(scorer, [features])  # why: serve/ranking.py's timed_score
-        else:
-            loop = asyncio.get_running_loop()
-            start, end, scores = await loop.run_in_executor(self._executor, timed_score, scorer, [features])
-        return ScoreOutcome(
-            scores=scores[0],
-            model=_name_of(scorer),
-            queue_ms=(start - arrival) * 1000,
-            inference_ms=(end - start) * 1000,
-            batch_docs=len(features),
-            batch_requests=1,
-            batch_first=True,
-        )
+        loop = asyncio.get_running_loop()
+        timed = await loop.run_in_executor(self._executor, timed_score, scorer, [features])
+        return local_outcome(scorer, features, arrival, *timed)
 
     @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.002, batch_size_fn=_docs_in)
     async def _score_batch(self, items: list[_Item]) -> list[ScoreOutcome]:

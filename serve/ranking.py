@@ -55,6 +55,9 @@ class ScoringBackend(Protocol):
 
     async def score(self, features: np.ndarray) -> ScoreOutcome: ...
 
+    # Optional: `score_inline(features) -> ScoreOutcome | None` scores a short list right away, on the
+    # event loop (None: not this one, use `score`). RankingCore tries it first: no task, no timer.
+
 
 def model_of(scorer: Any) -> dict[str, Any]:
     """What a loaded scorer is: {"name", "variant", "version", "n_features", "pointwise"}."""
@@ -95,22 +98,33 @@ class LocalBackend:
         """For /readyz: the model that answers now."""
         return model_of(self.scorer)
 
-    async def score(self, features: np.ndarray) -> ScoreOutcome:
-        arrival = time.perf_counter()
+    def score_inline(self, features: np.ndarray) -> ScoreOutcome | None:
+        """A list of at most `inline_max_docs` documents, scored now on the calling (event-loop) thread."""
+        if len(features) > self.inline_max_docs:
+            return None
         scorer = self.scorer
-        if len(features) <= self.inline_max_docs:
-            start, end, scores = timed_score(scorer, [features])
-        else:
-            start, end, scores = await run_in_threadpool(timed_score, scorer, [features])
-        return ScoreOutcome(
-            scores=scores[0],
-            model={"name": scorer.model, "variant": scorer.variant, "version": scorer.version},
-            queue_ms=(start - arrival) * 1000,
-            inference_ms=(end - start) * 1000,
-            batch_docs=len(features),
-            batch_requests=1,
-            batch_first=True,
-        )
+        return local_outcome(scorer, features, time.perf_counter(), *timed_score(scorer, [features]))
+
+    async def score(self, features: np.ndarray) -> ScoreOutcome:
+        outcome = self.score_inline(features)
+        if outcome is not None:
+            return outcome
+        arrival, scorer = time.perf_counter(), self.scorer
+        return local_outcome(scorer, features, arrival, *await run_in_threadpool(timed_score, scorer, [features]))
+
+
+def local_outcome(scorer: Any, features: np.ndarray, arrival: float, start: float, end: float,
+                  scores: list[np.ndarray]) -> ScoreOutcome:
+    """The outcome of one list scored alone (no batch) by `scorer`."""
+    return ScoreOutcome(
+        scores=scores[0],
+        model={"name": scorer.model, "variant": scorer.variant, "version": scorer.version},
+        queue_ms=(start - arrival) * 1000,
+        inference_ms=(end - start) * 1000,
+        batch_docs=len(features),
+        batch_requests=1,
+        batch_first=True,
+    )
 
 
 def timed_score(scorer: Any, lists: Sequence[np.ndarray]) -> tuple[float, float, list[np.ndarray]]:
@@ -231,6 +245,9 @@ class RankingCore:
     parse_mode: ParseMode = "fast"
     _pending: set[asyncio.Task[Any]] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self._score_inline = getattr(self.backend, "score_inline", None)
+
     async def handle_request(self, request: Request) -> tuple[int, dict[str, Any]]:
         """Read and answer one HTTP request: (status, response or error dict)."""
         start = time.perf_counter()
@@ -310,7 +327,14 @@ class RankingCore:
             self.metrics.observe_cache("error" if _cache_failures(self.cache) > failures_before else "miss")
 
         try:
-            outcome = await asyncio.wait_for(self.backend.score(features), self.deadline_ms / 1000)
+            # A short list is scored right away (no task, no timer: it takes well under a millisecond),
+            # and cannot be cut off; one that still overran the deadline gets the same fallback. Any
+            # other list waits for the backend under the deadline.
+            outcome = self._score_inline(features) if self._score_inline is not None else None
+            if outcome is None:
+                outcome = await asyncio.wait_for(self.backend.score(features), self.deadline_ms / 1000)
+            elif outcome.queue_ms + outcome.inference_ms > self.deadline_ms:
+                raise TimeoutError
         except (asyncio.TimeoutError, TimeoutError):
             logger.warning("query %r passed the %.0f ms deadline: degraded answer", req.query_id, self.deadline_ms)
             self.metrics.observe_degraded("deadline")
