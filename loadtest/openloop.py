@@ -216,17 +216,17 @@ async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | 
         timer[0] = loop.call_later(EXPIRE_EVERY_S, expire)
 
     timer = [loop.call_later(EXPIRE_EVERY_S, expire)]
+    # No collector pauses during the run (answers allocate many small objects; a full collection
+    # took up to 4 ms here): objects are freed by reference counting, the run is bounded, and the
+    # collector runs again afterwards. Before the schedule starts: a collection can take long.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     start = clock() + START_LEAD_S if t0 is None else t0
     cpu = CpuClock()
     sleep = asyncio.sleep
     nap_above = math.inf if cfg.spin else 2 * SLEEP_AHEAD_S
     late_s, thread_time = cfg.late_ms / 1000.0, time.thread_time
-    # No collector pauses during the run (answers allocate many small objects; a full collection
-    # took up to 4 ms here): objects are freed by reference counting, the run is bounded, and the
-    # collector runs again afterwards.
-    gc.collect()
-    gc.freeze()
-    gc.disable()
     try:
         for i, offset in enumerate(times.tolist()):
             target = start + offset

@@ -165,6 +165,12 @@ def generators_line(run: Run, relative_to: Path | None = None) -> str:
             f"Poisson arrivals, count-based steps, p99 by MLPerf's early stopping; profile `{slo.get('profile', '?')}`). "
             "Degraded answers are failures.")
     capacity = generator_capacity(run)
+    run_flags = (run.environment.get("cpu") or {}).get("isa_flags")
+    test_flags = ((capacity or {}).get("environment", {}).get("cpu") or {}).get("isa_flags")
+    if capacity and run_flags and test_flags and sorted(run_flags) != sorted(test_flags):
+        # cpu_slug names the model only: a self-test from a machine with other ISA flags is not this one's.
+        return line + (" The generator's self-test on file was measured on a CPU with other ISA flags, so it is "
+                       "not quoted here (`python loadtest/openloop.py --self-test` measures this one).")
     if capacity and capacity.get("max_rate_on_time_per_s"):
         where = capacity["path"]
         if relative_to is not None:

@@ -248,3 +248,18 @@ def test_one_connection_probe_and_ray_cost_against_plain_uvicorn(tmp_path: Path)
     text = report.write_report(path, plots=False)
     assert {"p50 @1 conn", "Ray cost", "req/s vs uvicorn"} <= set(_header(text))
     assert f"{row['ray_cost']:.2f}x" in _table_line(text, "int8")
+
+
+def test_the_generator_self_test_is_quoted_only_from_a_cpu_with_the_same_isa(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from loadtest import report
+
+    run = SimpleNamespace(sweep={"users": 8, "trials": 3, "trial_duration_s": 3, "slo": {"profile": "quick"}},
+                          environment={"cpu": {"model": "AMD EPYC", "isa_flags": ["avx", "avx2"]}})
+    test = {"max_rate_on_time_per_s": 14000, "added_p50_at_max_ms": 0.0, "path": "results/loadgen/x-selftest.json",
+            "environment": {"cpu": {"model": "AMD EPYC", "isa_flags": ["avx2", "avx512_vnni"]}}}
+    monkeypatch.setattr(report, "generator_capacity", lambda _run: test)
+    assert "14,000" not in report.generators_line(run) and "other ISA flags" in report.generators_line(run)
+    test["environment"]["cpu"]["isa_flags"] = ["avx2", "avx"]
+    assert "14,000 requests/s" in report.generators_line(run)
