@@ -64,6 +64,7 @@ SLEEP_AHEAD_S = 0.0015  # sleep (millisecond timers) until this close to a send,
 # sleep) avoids it, but is off by default: the two cores share a host core, and a spinning generator
 # slowed the service's inference on the other core by half (0.21 to 0.33 ms per 100-document call).
 WAKEUP_LATE_FRACTION = 0.10  # more sends than this left late by late wake-ups: the schedule is not kept
+CPU_WAIT_FRACTION = 0.25  # a generator runnable but without a CPU for more of its send loop is starved
 GENERATOR_BOUND_LATE_FRACTION = 0.01  # more own-late sends than this: the trial measured the generator
 EXPIRE_EVERY_S = 0.1
 
@@ -107,6 +108,31 @@ def poisson_schedule(
         n = min(n, max_requests)
     times = np.cumsum(rng.exponential(1.0 / rate_per_s, size=n))
     return times[times < duration_s]
+
+
+class CpuWaitClock:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat's run_delay).
+
+    It tells a generator starved of CPU (its lateness is its own) from one whose idle core woke up
+    late. Where the kernel does not expose it, it reads infinity, so that no lateness is ever put
+    down to a late wake-up: all of it counts as the generator's own.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def __call__(self) -> float:
+        if self._fd is None:
+            return math.inf  # unknown: a late wake-up can never be told apart, so none is claimed
+        return int(os.pread(self._fd, 96, 0).split()[1]) / 1e9
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass
@@ -162,6 +188,7 @@ class _ShareResult:
     waited: int
     max_lag_ms: float
     max_wakeup_lag_ms: float
+    cpu_wait_fraction: float | None  # of the send loop, runnable but waiting for a CPU (None: unknown)
     start: float
     first_send: float
     last_send: float
@@ -226,23 +253,30 @@ async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | 
     cpu = CpuClock()
     sleep = asyncio.sleep
     nap_above = math.inf if cfg.spin else 2 * SLEEP_AHEAD_S
-    late_s, thread_time = cfg.late_ms / 1000.0, time.thread_time
+    late_s, thread_time, cpu_wait = cfg.late_ms / 1000.0, time.thread_time, CpuWaitClock()
+    waited_at_start, started_at = cpu_wait(), clock()
     try:
         for i, offset in enumerate(times.tolist()):
             target = start + offset
             now = clock()
             while now < target:
                 ahead = target - now
-                cpu_before, before = thread_time(), now
+                cpu_before, waited_before, before = thread_time(), cpu_wait(), now
                 await sleep(ahead - SLEEP_AHEAD_S if ahead > nap_above else 0)
                 now = clock()
                 # Why the last pass over the loop ended late: it slept past its wake-up time (the
-                # thread used little CPU meanwhile), or it was busy (answers, sends: our own cost).
+                # thread neither ran nor waited for the CPU meanwhile: the idle core woke up late),
+                # or it was busy (answers, sends) or starved of CPU: the generator's own lateness.
                 # A send due while catching up after a late wake-up keeps that reason.
-                pool.woke_late = now - target > late_s and thread_time() - cpu_before < 0.5 * (now - before)
+                lag = now - target
+                pool.woke_late = (lag > late_s and thread_time() - cpu_before < 0.5 * (now - before)
+                                  and cpu_wait() - waited_before < 0.5 * lag)
             req = prepared[which[i]]
             pool.submit(req.parts(nonces[i]), target, req.n_docs, i)
     finally:
+        starved_s = cpu_wait() - waited_at_start  # inf where unknown
+        send_loop_s = clock() - started_at
+        cpu_wait.close()
         gc.enable()
         gc.unfreeze()
     deadline = clock() + cfg.drain_timeout_s
@@ -256,7 +290,8 @@ async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | 
     return _ShareResult(
         wire=rec.to_wire(), scheduled=len(times), last_offset_s=float(times[-1]) if len(times) else 0.0,
         sent=pool.n_sent, late=pool.late, late_wakeups=pool.late_wakeups, late_after_wait=pool.late_after_wait,
-        waited=pool.waited, max_lag_ms=pool.max_lag_s * 1000.0, max_wakeup_lag_ms=pool.max_wakeup_lag_s * 1000.0, start=start, first_send=pool.first_send, last_send=pool.last_send,
+        waited=pool.waited, max_lag_ms=pool.max_lag_s * 1000.0, max_wakeup_lag_ms=pool.max_wakeup_lag_s * 1000.0,
+        cpu_wait_fraction=starved_s / send_loop_s if math.isfinite(starved_s) and send_loop_s > 0 else None, start=start, first_send=pool.first_send, last_send=pool.last_send,
         last_end=max(last_end[0], start), connections=pool.connections_opened, cpu=cpu.read(),
         cpu_affinity=sorted(os.sched_getaffinity(0)),
     )
@@ -339,6 +374,8 @@ def summarize(cfg: OpenLoopConfig, payloads: PayloadSet, shares: list[_ShareResu
     window = max(max((s.last_end for s in shares), default=0.0) - start, scheduled_duration or 0.0, 1e-9)
     own_late_fraction = late / sent if sent else 0.0
     wakeup_fraction = wakeups / sent if sent else 0.0
+    starved = [s.cpu_wait_fraction for s in shares if s.cpu_wait_fraction is not None]
+    cpu_wait_fraction = max(starved) if starved else None
     out = rec.summary(window)
     out.update({
         "mode": "open-loop",
@@ -365,8 +402,12 @@ def summarize(cfg: OpenLoopConfig, payloads: PayloadSet, shares: list[_ShareResu
         "waited_for_slot": sum(s.waited for s in shares),
         "max_in_flight": cfg.max_connections,
         "connections_opened": sum(s.connections for s in shares),
+        # The busiest process's share of its send loop spent waiting for a CPU: a starved generator
+        # is late on sends that then look like waits for a connection (it reads answers late).
+        "generator_cpu_wait_fraction": cpu_wait_fraction,
         "generator_bound": (own_late_fraction > GENERATOR_BOUND_LATE_FRACTION
-                            or wakeup_fraction > WAKEUP_LATE_FRACTION),
+                            or wakeup_fraction > WAKEUP_LATE_FRACTION
+                            or (cpu_wait_fraction or 0.0) > CPU_WAIT_FRACTION),
         "generator_cpu": merge_cpu([s.cpu for s in shares]),
         "processes": cfg.processes,
         "spin": cfg.spin,

@@ -265,7 +265,7 @@ def run_open_loop(
             k: raw.get(k)
             for k in ("scheduled", "scheduled_duration_s", "count_based", "sent", "send_rate_per_s",
                       "mean_interarrival_ms", "max_send_lag_ms", "waited_for_slot", "late_after_wait",
-                      "late_threshold_ms", "late_wakeups", "late_wakeup_fraction", "max_wakeup_lag_ms",
+                      "late_threshold_ms", "late_wakeups", "late_wakeup_fraction", "max_wakeup_lag_ms", "generator_cpu_wait_fraction",
                       "connections_opened", "processes", "errors", "seed", "spin", "cpu_affinity")  # fmt: skip
         },
     )

