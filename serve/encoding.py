@@ -87,28 +87,41 @@ def parse_body(
     return _parse_json_fast(body, n_features)
 
 
-def _parse_json_naive(body: bytes, n_features: int | None) -> ParsedRequest:
+# orjson's own limit; a /rank body is 4 levels deep at most.
+MAX_JSON_DEPTH = 1024
+TOO_DEEP = f"nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _json_loads(body: bytes) -> Any:
+    """The json module's reading, with deep nesting (its RecursionError) a 400 rather than a 500."""
     try:
-        obj = json.loads(body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, "body", f"malformed JSON: {exc}") from None
-    return _from_validated(obj, n_features)
+    except RecursionError:
+        raise RequestError(400, "body", f"malformed JSON: {TOO_DEEP}") from None
+
+
+def _parse_json_naive(body: bytes, n_features: int | None) -> ParsedRequest:
+    return _from_validated(_json_loads(body), n_features)
 
 
 def _parse_json_fast(body: bytes, n_features: int | None) -> ParsedRequest:
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            raise RequestError(400, "body", f"malformed JSON: {TOO_DEEP}") from None
         # NaN and Infinity are not JSON, but Python's json module writes them: read such a body
         # leniently so that the answer names the offending feature rather than "malformed".
-        try:
-            obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError(400, "body", f"malformed JSON: {exc}") from None
-        return _from_validated(obj, n_features)
+        return _from_validated(_json_loads(body), n_features)
     if not isinstance(obj, dict):
         raise RequestError(422, "body", "must be a JSON object")
     kind = body_kind(obj)
+    # Booleans are not numbers (strict, as the schema says): numpy would read a `true` among numbers
+    # as 1.0, so a body with a JSON literal true/false anywhere gets pydantic's strict diagnosis.
+    if b"true" in body or b"false" in body:
+        return _from_validated(obj, n_features)
     try:
         parsed = _extract_fast(obj, kind)
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -203,6 +216,8 @@ def _parse_msgpack(body: bytes) -> ParsedRequest:
         raise RequestError(400, "body", "empty body; expected a msgpack map")
     try:
         obj = msgpack.unpackb(body, raw=False)
+    except msgpack.StackError:
+        raise RequestError(400, "body", "malformed msgpack: nested too deep") from None
     except Exception as exc:  # msgpack raises several unrelated types for broken input
         raise RequestError(400, "body", f"malformed msgpack: {exc}") from None
     if not isinstance(obj, dict):

@@ -197,3 +197,15 @@ def test_config_yaml_builds_the_app() -> None:
     assert app["import_path"] == "serve.app:app_builder"
     ServiceConfig(**app["args"])  # extra="forbid": a typo in the yaml fails here
     assert app_builder(app["args"]) is not None
+
+
+def test_hostile_json_gets_a_4xx_naming_the_field(client: TestClient) -> None:
+    """Nesting past the parser's depth (once a 500) and booleans among the features (once read as 1.0)."""
+    deep = b'{"query_id": "q", "doc_ids": ["a"], "features": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+    resp = client.post("/rank", content=deep, headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["field"] == "body" and "nested" in resp.json()["rule"]
+    n = client.get("/readyz").json()["model"]["n_features"]
+    features = ", ".join(["0.5"] * (n - 1) + ["true"])
+    resp = client.post("/rank", content=f'{{"query_id": "q", "doc_ids": ["a"], "features": [[{features}]]}}',
+                       headers={"content-type": "application/json"})
+    assert resp.status_code == 422 and resp.json()["field"] == f"features[0][{n - 1}]", resp.text

@@ -84,6 +84,12 @@ def errors_of(body: bytes, ctype: str = "application/json", n_features: int = F,
         (orjson.dumps({"query_id": "q", "doc_ids": ["a"], "features": [[1] * F], "extra": 1}), 422, "extra", "not permitted"),
         (orjson.dumps([1, 2]), 422, "body", "object"),
         (b'{"query_id": "q", "documents": [', 400, "body", "malformed"),
+        # Hostile input: nesting past the parser's depth is a 400, not a 500; booleans are not numbers.
+        (b'{"query_id": "q", "doc_ids": ["a"], "features": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+         400, "body", "nested deeper than 1024 levels"),
+        (b'{"query_id": "q", "doc_ids": ["a"], "features": [[1, 2, true, 4, 5]]}', 422, "features[0][2]", "number"),
+        (b'{"query_id": "q", "documents": [{"id": "a", "features": [1, 2, 3, false, 5]}]}', 422,
+         "documents[0].features[3]", "number"),
         (orjson.dumps({"query_id": "q", "doc_ids": [f"d{i}" for i in range(11)], "features": [[1] * F] * 11}),
          422, "doc_ids", "at most 10"),
         (orjson.dumps({"query_id": "q", "doc_ids": ["a", "b"], "features": [[1] * F]}), 422, "features", "one row per"),
@@ -112,6 +118,8 @@ def test_bad_msgpack_bodies() -> None:
     assert err(encode_msgpack("q", ["a", "b"], nan)).field == "features[row 1][3]"
     assert err(b"\xc1\xc1garbage").status == 400
     assert err(msgpack.packb([1, 2])).status == 422
+    too_deep = err(b"\x91" * 100_000 + b"\xc0")  # arrays nested 100,000 levels deep
+    assert (too_deep.status, too_deep.field) == (400, "body") and "nested too deep" in too_deep.rule
 
 
 def test_unknown_content_type_is_415() -> None:
