@@ -261,13 +261,17 @@ async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | 
             now = clock()
             while now < target:
                 ahead = target - now
+                if ahead <= nap_above:  # polling: a pass that ends late was busy, the generator's own
+                    await sleep(0)
+                    now = clock()
+                    pool.woke_late = False
+                    continue
                 cpu_before, waited_before, before = thread_time(), cpu_wait(), now
-                await sleep(ahead - SLEEP_AHEAD_S if ahead > nap_above else 0)
+                await sleep(ahead - SLEEP_AHEAD_S)
                 now = clock()
-                # Why the last pass over the loop ended late: it slept past its wake-up time (the
-                # thread neither ran nor waited for the CPU meanwhile: the idle core woke up late),
-                # or it was busy (answers, sends) or starved of CPU: the generator's own lateness.
-                # A send due while catching up after a late wake-up keeps that reason.
+                # Why a nap ended late: the thread neither ran nor waited for the CPU meanwhile (the
+                # idle core woke up late), or it was busy (answers, sends) or starved of CPU: the
+                # generator's own lateness. A send due while catching up keeps that reason.
                 lag = now - target
                 pool.woke_late = (lag > late_s and thread_time() - cpu_before < 0.5 * (now - before)
                                   and cpu_wait() - waited_before < 0.5 * lag)
@@ -291,7 +295,8 @@ async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | 
         wire=rec.to_wire(), scheduled=len(times), last_offset_s=float(times[-1]) if len(times) else 0.0,
         sent=pool.n_sent, late=pool.late, late_wakeups=pool.late_wakeups, late_after_wait=pool.late_after_wait,
         waited=pool.waited, max_lag_ms=pool.max_lag_s * 1000.0, max_wakeup_lag_ms=pool.max_wakeup_lag_s * 1000.0,
-        cpu_wait_fraction=starved_s / send_loop_s if math.isfinite(starved_s) and send_loop_s > 0 else None, start=start, first_send=pool.first_send, last_send=pool.last_send,
+        cpu_wait_fraction=starved_s / send_loop_s if math.isfinite(starved_s) and send_loop_s > 0 else None,
+        start=start, first_send=pool.first_send, last_send=pool.last_send,
         last_end=max(last_end[0], start), connections=pool.connections_opened, cpu=cpu.read(),
         cpu_affinity=sorted(os.sched_getaffinity(0)),
     )

@@ -53,7 +53,7 @@ from ray.serve.handle import DeploymentHandle
 from serve.config import MODEL_FIELDS, ServiceConfig
 from serve.http_app import HttpService, build_http_app
 from serve.metrics import ServiceMetrics
-from serve.ranking import ScoreOutcome, local_outcome, model_identity, model_of, timed_score
+from serve.ranking import ScoreOutcome, local_outcome, model_identity, model_of, name_of, timed_score
 from serve.ray_setup import DEPLOYMENT_SHUTDOWN_OPTIONS, ray_metrics_enabled
 
 logger = logging.getLogger("ray.serve")
@@ -76,10 +76,6 @@ class _Item:
 def _docs_in(items: list[_Item]) -> int:
     """`@serve.batch`'s batch size: documents, not requests."""
     return sum(item.n_docs for item in items)
-
-
-def _name_of(scorer: Any) -> dict[str, str]:
-    return {"name": scorer.model, "variant": scorer.variant, "version": scorer.version}
 
 
 class ReplicaScorer:
@@ -107,7 +103,7 @@ class ReplicaScorer:
                 manifest_path=config.get("manifest_path"),
             )
             self._scorer = scorer  # one assignment: a running batch keeps its own reference
-            logger.info("now serving %s", _name_of(scorer))
+            logger.info("now serving %s", name_of(scorer))
         self._score_batch.set_max_batch_size(int(config["max_batch_docs"]))
         self._score_batch.set_batch_wait_timeout_s(float(config["batch_wait_ms"]) / 1000)
         self._scoring_config = dict(config)
@@ -121,19 +117,21 @@ class ReplicaScorer:
     async def probe(self) -> dict[str, Any]:
         return await self.model_info()
 
+    def _batched(self, features: np.ndarray) -> bool:
+        """Whether this list goes through `@serve.batch` (batching on, and it fits a batch)."""
+        config = self._scoring_config
+        return bool(config.get("batching")) and len(features) <= config["max_batch_docs"]
+
     def score_inline(self, features: np.ndarray) -> ScoreOutcome | None:
         """A short list scored now, on the replica's event loop (None: a batch or the inference threads)."""
-        config = self._scoring_config
-        if config.get("batching") and len(features) <= config["max_batch_docs"]:
-            return None
-        if len(features) > config.get("inline_max_docs", 0):
+        if self._batched(features) or len(features) > self._scoring_config.get("inline_max_docs", 0):
             return None
         scorer = self._scorer
         return local_outcome(scorer, features, time.perf_counter(), *timed_score(scorer, [features]))
 
     async def score(self, features: np.ndarray) -> ScoreOutcome:
         arrival = time.perf_counter()
-        if self._scoring_config.get("batching") and len(features) <= self._scoring_config["max_batch_docs"]:
+        if self._batched(features):
             return await self._score_batch(_Item(features, arrival))
         outcome = self.score_inline(features)
         if outcome is not None:
@@ -150,7 +148,7 @@ class ReplicaScorer:
         start, end, scores = await loop.run_in_executor(
             self._executor, timed_score, scorer, [item.features for item in items]
         )
-        model = _name_of(scorer)
+        model = name_of(scorer)
         n_docs = _docs_in(items)
         return [
             ScoreOutcome(

@@ -113,12 +113,17 @@ class LocalBackend:
         return local_outcome(scorer, features, arrival, *await run_in_threadpool(timed_score, scorer, [features]))
 
 
+def name_of(scorer: Any) -> dict[str, str]:
+    """The model that scored an answer, as every answer names it: {"name", "variant", "version"}."""
+    return {"name": scorer.model, "variant": scorer.variant, "version": scorer.version}
+
+
 def local_outcome(scorer: Any, features: np.ndarray, arrival: float, start: float, end: float,
                   scores: list[np.ndarray]) -> ScoreOutcome:
     """The outcome of one list scored alone (no batch) by `scorer`."""
     return ScoreOutcome(
         scores=scores[0],
-        model={"name": scorer.model, "variant": scorer.variant, "version": scorer.version},
+        model=name_of(scorer),
         queue_ms=(start - arrival) * 1000,
         inference_ms=(end - start) * 1000,
         batch_docs=len(features),
