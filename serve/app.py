@@ -48,8 +48,10 @@ import numpy as np
 import orjson
 from fastapi import FastAPI
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from serve.admission import Overloaded
 from serve.config import MODEL_FIELDS, ServiceConfig
 from serve.http_app import HttpService, build_http_app
 from serve.metrics import ServiceMetrics
@@ -245,7 +247,10 @@ class RankerHandleBackend:
         return await self.ranker.info.remote()
 
     async def score(self, features: np.ndarray) -> ScoreOutcome:
-        return await self.ranker.score.remote(features)
+        try:
+            return await self.ranker.score.remote(features)
+        except BackPressureError as exc:  # the ranker's queue is at max_queued_requests
+            raise Overloaded("ranker_queue") from exc
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -286,12 +291,15 @@ def deployment_options(config: ServiceConfig) -> dict[str, dict[str, Any]]:
     stop = DEPLOYMENT_SHUTDOWN_OPTIONS  # a stop in seconds (serve/ray_setup.py)
     if config.topology == "colocated":
         return {"RankingService": {**_scale(config), "max_ongoing_requests": config.colocated_ongoing_requests,
+                                   "max_queued_requests": config.queued_requests,
                                    "user_config": config.ranker_user_config(), **stop}}
     return {
         "Ranker": {**_scale(config), "max_ongoing_requests": config.ongoing_requests,
+                   "max_queued_requests": config.queued_requests,
                    "user_config": config.ranker_user_config(), **stop},
         "Ingress": {"num_replicas": config.ingress_replicas,
                     "max_ongoing_requests": config.ingress_max_ongoing_requests,
+                    "max_queued_requests": max(8, config.ingress_max_ongoing_requests * config.ingress_replicas),
                     "user_config": config.model_user_config(), **stop},
     }
 

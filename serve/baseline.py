@@ -47,8 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, ParseM
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     uvicorn_server.add_server_options(p, variant=BASELINE_VARIANT, port=DEFAULT_PORT)
     options = vars(p.parse_args(argv))
-    # inline_max_docs=0: inference in the thread pool, as a FastAPI `def` endpoint runs it.
-    return ServiceConfig(**options, batching=False, cache=False, inline_max_docs=0), "naive"
+    # inline_max_docs=0: inference in the thread pool, as a FastAPI `def` endpoint runs it; no admission
+    # control: a first version queues everything.
+    return ServiceConfig(**options, batching=False, cache=False, inline_max_docs=0, admission=False), "naive"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

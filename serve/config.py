@@ -93,6 +93,24 @@ class ServiceConfig(BaseModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; None: the cores this process may use (its affinity)")
     metrics_export_port: int | None = Field(None, description="Ray's Prometheus export port (None: Ray picks)")
 
+    # Admission control (serve/admission.py): past either bound, /rank answers a fast 503 with Retry-After.
+    admission: bool = Field(True, description="admission control on /rank; off: every request is queued")
+    admission_queue_ms: float | None = Field(
+        2.0, gt=0,
+        description="under a standing queue, refuse a request that already waited this long on the server's "
+                    "event loop (None: no queue bound)")
+    admission_interval_ms: float = Field(
+        50.0, gt=0,
+        description="a queue that has not drained for this long is standing (overload); until then a burst "
+                    "may queue this long (the SLO's order)")
+    max_inflight: int | None = Field(
+        None, ge=1,
+        description="requests in flight per process (uvicorn) or replica (Ray); None: derived (see inflight_bound)")
+    max_queued_requests: int | None = Field(
+        None, ge=1,
+        description="Ray Serve: requests queued for a deployment's replicas before Ray answers 503; "
+                    "None: derived (see queued_requests)")
+
     # Request limits and fallback.
     deadline_ms: float = Field(1000.0, gt=0, description="past it the answer is the degraded fallback")
     max_docs: int = Field(5000, ge=1, description="most documents in one request")
@@ -132,6 +150,24 @@ class ServiceConfig(BaseModel):
         if not self.batching:
             return max(4, 2 * self.inference_workers)
         return max(8, 2 * math.ceil(self.max_batch_docs / 16))
+
+    @property
+    def inflight_bound(self) -> int | None:
+        """Admission's in-flight bound per process: `max_inflight`, or, derived, none for split's
+        ingress (its batches need many requests in flight; Ray's max_ongoing_requests bounds it) and
+        16 per inference thread otherwise (at ~3 ms a 1000-document list, ~50 ms of queue: the SLO)."""
+        if self.max_inflight is not None:
+            return self.max_inflight
+        return None if self.topology == "split" else 16 * self.inference_workers
+
+    @property
+    def queued_requests(self) -> int:
+        """Ray's `max_queued_requests` per deployment: `max_queued_requests`, or as many as the
+        deployment's replicas have in flight (a queue longer than one more round waits past the SLO)."""
+        if self.max_queued_requests is not None:
+            return self.max_queued_requests
+        ongoing = self.colocated_ongoing_requests if self.topology == "colocated" else self.ongoing_requests
+        return max(8, ongoing * self.replicas)
 
     def ranker_user_config(self) -> dict[str, Any]:
         """What the scoring deployment (colocated, or split's ranker) gets as `user_config`: changing

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from serve.admission import RETRY_AFTER_S, AdmissionControl, AdmissionLimits
 from serve.config import ServiceConfig
 from serve.encoding import ParseMode
 from serve.metrics import ServiceMetrics
@@ -34,6 +35,7 @@ from serve.schemas import (
     install_openapi,
     rank_openapi_extra,
 )
+from serve.security import ADMIN_RESPONSES, admin_auth
 
 logger = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5.0
@@ -170,10 +172,12 @@ def build_http_app(
     install_openapi(app)
 
     @app.post("/rank", response_model=RankResponse, openapi_extra=rank_openapi_extra(),
-              responses={400: {}, 413: {}, 415: {}, 422: {}})
+              responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {"description": "overloaded (admission "
+                         "control) or no model loaded yet; see Retry-After"}})
     async def rank(request: Request) -> Response:
         status, payload = await current().core.handle_request(request)
-        return Response(dumps(payload), status_code=status, media_type="application/json")
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return Response(dumps(payload), status_code=status, media_type="application/json", headers=headers)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -189,11 +193,21 @@ def build_http_app(
         body, content_type = current().metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.post("/admin/model", responses={409: {}, 422: {}})
+    @app.post("/admin/model", responses={**ADMIN_RESPONSES, 409: {}, 422: {}}, dependencies=[admin_auth(app)])
     async def swap_model(swap: ModelSwap) -> JSONResponse:
-        """Serve another variant (or model) without stopping traffic; the answer names the model now serving."""
+        """Serve another variant (or model) without stopping traffic; the answer names the model now serving.
+        Needs `Authorization: Bearer <token>`, the token in the server's $RANKSERVE_ADMIN_TOKEN (serve/security.py)."""
         status, body = await current().swap_model(swap)
         return JSONResponse(body, status_code=status)
+
+    def admission_limits() -> AdmissionLimits:
+        config = current().config
+        if not config.admission:
+            return AdmissionLimits()
+        return AdmissionLimits(config.admission_queue_ms, config.admission_interval_ms, config.inflight_bound)
+
+    app.add_middleware(AdmissionControl, limits=admission_limits,
+                       on_reject=lambda reason: current().metrics.observe_rejected(reason))
 
     if resolved:
         app.state.service = resolved[0]

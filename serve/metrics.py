@@ -45,6 +45,10 @@ class ServiceMetrics:
         self.degraded = Counter(
             "rankserve_degraded", "fallback answers by reason (error, deadline, feature_store)", ["reason"], registry=r
         )
+        self.rejected = Counter(
+            "rankserve_rejected", "requests refused by admission control (503) by bound (queue, inflight)",
+            ["reason"], registry=r,
+        )
         self._ray: dict[str, Any] = _ray_metrics() if use_ray else {}
 
     def observe_request(self, status: int, encoding: str, timings_ms: dict[str, float] | None) -> None:
@@ -72,6 +76,11 @@ class ServiceMetrics:
         self.degraded.labels(reason).inc()
         if self._ray:
             self._ray["degraded"].inc(1, tags={"reason": reason})
+
+    def observe_rejected(self, reason: str) -> None:
+        """A 503 from admission control (serve/admission.py): counted as a request too."""
+        self.rejected.labels(reason).inc()
+        self.observe_request(503, "unknown", None)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""

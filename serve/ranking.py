@@ -25,6 +25,7 @@ import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
+from serve.admission import RULES, Overloaded
 from serve.cache import cache_key
 from serve.encoding import JSON_TYPES, MSGPACK_TYPES, ParsedRequest, ParseMode, media_type, parse_body
 from serve.metrics import ServiceMetrics
@@ -340,6 +341,9 @@ class RankingCore:
                 outcome = await asyncio.wait_for(self.backend.score(features), self.deadline_ms / 1000)
             elif outcome.queue_ms + outcome.inference_ms > self.deadline_ms:
                 raise TimeoutError
+        except Overloaded as exc:  # a stage behind this one sheds load: the client should retry later
+            self.metrics.rejected.labels(str(exc)).inc()
+            raise RequestError(503, "load", RULES[str(exc)]) from None
         except (asyncio.TimeoutError, TimeoutError):
             logger.warning("query %r passed the %.0f ms deadline: degraded answer", req.query_id, self.deadline_ms)
             self.metrics.observe_degraded("deadline")

@@ -32,6 +32,16 @@ Every variable is set with `setdefault`: a value already in the environment wins
 before Ray is imported (Serve reads its constants at import) and before `ray.init` (the raylet and
 workers inherit the environment). A cluster joined with `--address` keeps its own settings: set
 them before `ray start` there.
+
+The admin token (`RANKSERVE_ADMIN_TOKEN`, serve/security.py) reaches the replicas the same way, and
+only that way: a local Ray's workers inherit it from this process's environment (checked on Ray
+2.60: an actor reads the driver's value), while no config carries it (`user_config` and init args
+are shown in Ray's dashboard). On a joined cluster it must be in the environment of `ray start` on
+every node that may host a replica.
+
+The replicas' own HTTP ports (direct ingress, HAProxy mode) bind Serve's HTTP host (`--host`,
+127.0.0.1 by default): Ray 2.60 has no separate setting for them. HAProxy's stats and metrics
+ports bind all interfaces, with no setting either (docs/serving.md, "Ports and interfaces").
 """
 
 from __future__ import annotations

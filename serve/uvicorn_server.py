@@ -31,6 +31,7 @@ from typing import Any  # noqa: E402
 
 from fastapi import FastAPI  # noqa: E402
 
+from serve.admission import add_admission_options  # noqa: E402
 from serve.config import DEFAULT_VARIANT, ServiceConfig  # noqa: E402
 from serve.encoding import ParseMode  # noqa: E402
 from serve.http_app import HttpService, build_http_app  # noqa: E402
@@ -98,6 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, ParseM
     p.add_argument("--inline-max-docs", type=int, default=ServiceConfig().inline_max_docs,
                    help="lists of at most this many documents are scored on the event loop, longer ones in "
                         "the thread pool (0: always the thread pool)")
+    add_admission_options(p)
     options = vars(p.parse_args(argv))
     parse_mode = options.pop("parse")
     return ServiceConfig(**options, batching=False), parse_mode

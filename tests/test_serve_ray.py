@@ -37,9 +37,12 @@ from serve.baseline import create_app
 from serve.config import ServiceConfig
 from serve.encoding import encode_msgpack
 from serve.redis_server import EmbeddedRedis, free_port, start_embedded_redis
+from serve.security import ADMIN_TOKEN_ENV
 
 pytestmark = pytest.mark.slow
 MAX_BODY = 1_000_000
+ADMIN_TOKEN = "ray-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # POST /admin/* needs it
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,10 @@ def service(manifest: Path, cache_redis: EmbeddedRedis) -> Iterator[dict]:
     from serve.app import build_app
 
     port = free_port()
+    # Replicas read the admin token from their own environment: set before ray.init, the raylet and
+    # every worker it starts inherit it (serve/security.py).
+    env = pytest.MonkeyPatch()
+    env.setenv(ADMIN_TOKEN_ENV, ADMIN_TOKEN)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -79,6 +86,7 @@ def service(manifest: Path, cache_redis: EmbeddedRedis) -> Iterator[dict]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        env.undo()
 
 
 @pytest.fixture(scope="module")
@@ -272,10 +280,14 @@ def test_model_swap_reaches_every_replica_and_the_cache_never_answers_with_the_o
                 r = client.post(f"{url}/rank", json=compact(unique_qid("traffic"), other_ids, other_X))
                 answers.append((r.status_code, r.json()))
 
+    refused = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32-opt"})  # no token: nothing changes
+    assert refused.status_code == 401 and refused.json()["field"] == "authorization", refused.text
+    assert http.post(f"{url}/admin/model", json={"variant": "onnx-fp32-opt"},
+                     headers={"Authorization": "Bearer wrong"}).status_code == 403
     thread = threading.Thread(target=traffic)
     thread.start()
     try:
-        swap = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32-opt"}, timeout=180)
+        swap = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32-opt"}, headers=ADMIN, timeout=180)
     finally:
         stop.set()
         thread.join(timeout=120)
@@ -294,9 +306,9 @@ def test_model_swap_reaches_every_replica_and_the_cache_never_answers_with_the_o
         np.testing.assert_allclose([r["score"] for r in a["results"]], [r["score"] for r in before["results"]],
                                    atol=1e-5)
 
-    bad = http.post(f"{url}/admin/model", json={"variant": "no-such-variant"})
+    bad = http.post(f"{url}/admin/model", json={"variant": "no-such-variant"}, headers=ADMIN)
     assert bad.status_code == 422 and bad.json()["field"] == "variant"
-    back = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32"}, timeout=180)
+    back = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32"}, headers=ADMIN, timeout=180)
     assert back.status_code == 200
     assert all(m["version"] == before["model"]["version"] for m in _replicas_seen(http, url, 2).values())
     again = http.post(f"{url}/rank", json=compact(qid, ids, X)).json()
@@ -313,7 +325,7 @@ def test_split_swap_keys_the_cache_on_the_new_model(service: dict, http: httpx.C
     before = http.post(f"{url}/rank", json=compact(qid, ids, X)).json()
     assert http.post(f"{url}/rank", json=compact(qid, ids, X)).json()["cached"] is True
     try:
-        swap = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32-opt"}, timeout=180)
+        swap = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32-opt"}, headers=ADMIN, timeout=180)
         assert swap.status_code == 200, swap.text
         new_model = {k: swap.json()["model"][k] for k in ("name", "variant", "version")}
         assert new_model["version"] != before["model"]["version"]
@@ -322,7 +334,7 @@ def test_split_swap_keys_the_cache_on_the_new_model(service: dict, http: httpx.C
         assert all(a["model"] == new_model for a in after)
         assert http.get(f"{url}/readyz").json()["model"]["variant"] == "onnx-fp32-opt"
     finally:
-        back = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32"}, timeout=180)
+        back = http.post(f"{url}/admin/model", json={"variant": "onnx-fp32"}, headers=ADMIN, timeout=180)
     assert back.status_code == 200
     assert http.post(f"{url}/rank", json=compact(qid, ids, X)).json()["model"] == before["model"]
 

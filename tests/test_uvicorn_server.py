@@ -21,6 +21,7 @@ from export.runtime import load_scorer
 from models.paths import REPO_ROOT
 from serve.config import ServiceConfig
 from serve.redis_server import free_port
+from serve.security import ADMIN_TOKEN_ENV
 from serve.uvicorn_server import create_app, parse_args
 
 
@@ -65,7 +66,10 @@ def test_cache_without_redis_is_refused_with_the_field_named(manifest: Path) -> 
         create_app(config)
 
 
-def test_model_swap_in_process_and_the_cache_keys_on_the_new_model(manifest: Path, redis_url: str) -> None:
+def test_model_swap_in_process_and_the_cache_keys_on_the_new_model(manifest: Path, redis_url: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "uvicorn-admin-token")  # read when the app is built
+    admin = {"Authorization": "Bearer uvicorn-admin-token"}
     config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, redis_url=redis_url)
     scorer = load_scorer("onnx-fp32", manifest_path=manifest)
     ids, X = make_list(10, scorer.n_features, seed=12)
@@ -73,14 +77,15 @@ def test_model_swap_in_process_and_the_cache_keys_on_the_new_model(manifest: Pat
     with TestClient(create_app(config)) as client:
         before = [client.post("/rank", json=body).json() for _ in range(2)]
         assert [b["cached"] for b in before] == [False, True]
-        swap = client.post("/admin/model", json={"variant": "onnx-fp32-opt"})
+        assert client.post("/admin/model", json={"variant": "onnx-fp32-opt"}).status_code == 401  # no token
+        swap = client.post("/admin/model", json={"variant": "onnx-fp32-opt"}, headers=admin)
         assert swap.status_code == 200, swap.text
         assert swap.json()["model"]["variant"] == "onnx-fp32-opt"
         after = client.post("/rank", json=body).json()
         assert after["cached"] is False and after["model"]["variant"] == "onnx-fp32-opt"
         assert after["model"]["version"] != before[0]["model"]["version"]
         assert client.get("/readyz").json()["model"]["variant"] == "onnx-fp32-opt"
-        bad = client.post("/admin/model", json={"variant": "no-such-variant"})
+        bad = client.post("/admin/model", json={"variant": "no-such-variant"}, headers=admin)
         assert bad.status_code == 422 and bad.json()["field"] == "variant", bad.text
         assert client.post("/rank", json=body).json()["model"]["variant"] == "onnx-fp32-opt"
 
