@@ -183,9 +183,26 @@ def _from_validated(obj: Any, n_features: int | None) -> ParsedRequest:
         ids = list(model.doc_ids)
         rows = getattr(model, "features", None)
     parsed = ParsedRequest(model.query_id, ids, None, kind)
+    _check_echoed_ids(parsed)
     if rows is not None:
         parsed.features = _rows_to_matrix(rows, parsed.features_field, n_features)
     return parsed
+
+
+def _check_echoed_ids(parsed: ParsedRequest) -> None:
+    """The ids the answer repeats must be writable by orjson (the answer, the cache key): the json
+    module reads what orjson does not (it is the fallback for a body orjson refused, e.g. one with
+    NaN, a byte order mark or in UTF-16), such as a lone surrogate (`"\\ud800"`) or an integer
+    beyond 64 bits. Either is a 422 naming the id, not a 500 when the answer is written."""
+    named = [("query_id", parsed.query_id), *((parsed.id_field(i), v) for i, v in enumerate(parsed.doc_ids))]
+    for field, value in named:
+        if isinstance(value, int) and not -(2**63) <= value < 2**64:
+            raise RequestError(422, field, "an integer id must fit in 64 bits (or send it as a string)")
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise RequestError(422, field, "must be valid Unicode (a lone surrogate is not)") from None
 
 
 def _rows_to_matrix(rows: list[list[float]], field: Callable[[int], str], n_features: int | None) -> np.ndarray:
@@ -244,7 +261,9 @@ def _parse_msgpack(body: bytes) -> ParsedRequest:
             f"expected {len(req.doc_ids)} docs x {req.n_features} features x 4 bytes = {expected} bytes "
             f"of little-endian float32, got {len(data)}",
         )
-    features = np.frombuffer(data, dtype="<f4").reshape(len(req.doc_ids), req.n_features)
+    # No documents: no bytes, and n_features is bounded by nothing (numpy refuses a huge dimension);
+    # validate_request answers the 422 (at least one document).
+    features = np.frombuffer(data, dtype="<f4").reshape(len(req.doc_ids), req.n_features if req.doc_ids else 0)
     check_finite(features, parsed.features_field)
     parsed.features = features.astype(np.float32, copy=False)
     return parsed

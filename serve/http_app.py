@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from serve.admission import RETRY_AFTER_S, AdmissionControl, AdmissionLimits
 from serve.config import ServiceConfig
@@ -134,12 +135,13 @@ class HttpService:
 def checked_swap(config: ServiceConfig, swap: ModelSwap) -> ServiceConfig:
     """The config after `swap`, or RequestError(422) naming the field. Blocking (reads the manifest)."""
     from export.runtime import load_manifest
+    from models.paths import REPO_ROOT
 
     model = swap.model or config.model
     try:
         manifest = load_manifest(model, config.manifest_path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise RequestError(422, "model", str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise RequestError(422, "model", str(exc).replace(str(REPO_ROOT), ".")) from None
     entry = manifest["variants"].get(swap.variant)
     if entry is None:
         raise RequestError(422, "variant",
@@ -171,6 +173,17 @@ def build_http_app(
     app = FastAPI(title=title, version="0.1.0", description=description)
     install_openapi(app)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's own validation (the admin body) in the project's error shape, without echoing
+        the input (a lone surrogate in it could not be encoded: a 500)."""
+        error = exc.errors()[0]
+        if error["type"] == "json_invalid":
+            return JSONResponse(RequestError(400, "body", "malformed JSON").to_dict(), status_code=400)
+        field = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
+        field = field.encode("utf-8", "backslashreplace").decode()
+        return JSONResponse(RequestError(422, field, error["msg"]).to_dict(), status_code=422)
+
     @app.post("/rank", response_model=RankResponse, openapi_extra=rank_openapi_extra(),
               responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {"description": "overloaded (admission "
                          "control) or no model loaded yet; see Retry-After"}})
@@ -188,7 +201,7 @@ def build_http_app(
         status, body = await current().readiness()
         return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         body, content_type = current().metrics.render()
         return Response(body, media_type=content_type)

@@ -18,6 +18,7 @@ DocId = StrictStr | StrictInt
 QueryId = StrictStr | StrictInt
 # Strict: ints are fine, bools and numeric strings are not; NaN and infinity are rejected.
 Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a model or variant name
 
 
 class RequestError(Exception):
@@ -112,8 +113,10 @@ class ModelSwap(BaseModel):
     """`POST /admin/model`: serve another variant (or model) without stopping traffic."""
 
     model_config = ConfigDict(extra="forbid")
-    variant: str
-    model: str | None = None
+    # Names, not paths: a model name becomes a folder under artifacts/variants, so no separators, no
+    # leading dot (no "../.."), and a length a file system takes.
+    variant: str = Field(pattern=NAME_PATTERN, max_length=128)
+    model: str | None = Field(None, pattern=NAME_PATTERN, max_length=128)
 
 
 def body_kind(obj: dict[str, Any]) -> str:

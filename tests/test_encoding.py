@@ -90,6 +90,15 @@ def errors_of(body: bytes, ctype: str = "application/json", n_features: int = F,
         (b'{"query_id": "q", "doc_ids": ["a"], "features": [[1, 2, true, 4, 5]]}', 422, "features[0][2]", "number"),
         (b'{"query_id": "q", "documents": [{"id": "a", "features": [1, 2, 3, false, 5]}]}', 422,
          "documents[0].features[3]", "number"),
+        # What orjson refuses and the json module (its fallback) reads: an id the answer could not be
+        # written with (a lone surrogate; an integer over 64 bits in a UTF-16 or BOM body) is a 422, not a 500.
+        (b'{"query_id": "\\ud800", "doc_ids": ["a"], "features": [[1, 2, 3, 4, 5]]}', 422, "query_id", "lone surrogate"),
+        (b'{"query_id": "q", "documents": [{"id": "a\xed\xa0\x80", "features": [1, 2, 3, 4, 5]}]}', 422,
+         "documents[0].id", "lone surrogate"),
+        ('{"query_id": "q", "doc_ids": ["a", 18446744073709551616], "features": [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]]}'
+         .encode("utf-16"), 422, "doc_ids[1]", "64 bits"),
+        (b'\xef\xbb\xbf{"query_id": -9223372036854775809, "doc_ids": ["a"], "features": [[1, 2, 3, 4, 5]]}', 422,
+         "query_id", "64 bits"),
         (orjson.dumps({"query_id": "q", "doc_ids": [f"d{i}" for i in range(11)], "features": [[1] * F] * 11}),
          422, "doc_ids", "at most 10"),
         (orjson.dumps({"query_id": "q", "doc_ids": ["a", "b"], "features": [[1] * F]}), 422, "features", "one row per"),
@@ -118,6 +127,8 @@ def test_bad_msgpack_bodies() -> None:
     assert err(encode_msgpack("q", ["a", "b"], nan)).field == "features[row 1][3]"
     assert err(b"\xc1\xc1garbage").status == 400
     assert err(msgpack.packb([1, 2])).status == 422
+    no_docs = msgpack.packb({"query_id": "q", "doc_ids": [], "n_features": 2**64 - 1, "features": b""})
+    assert (err(no_docs).status, err(no_docs).field) == (422, "doc_ids")  # a 500 once (numpy's reshape)
     too_deep = err(b"\x91" * 100_000 + b"\xc0")  # arrays nested 100,000 levels deep
     assert (too_deep.status, too_deep.field) == (400, "body") and "nested too deep" in too_deep.rule
 

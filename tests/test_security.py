@@ -128,3 +128,22 @@ def test_the_openapi_shows_the_bearer_scheme_on_the_admin_route_only(monkeypatch
     assert {"401", "403", "409", "422"} <= set(admin["responses"])
     assert "security" not in schema["paths"]["/rank"]["post"]
     assert "RankRequest" in schema["components"]["schemas"]  # install_openapi's models are still there
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    (b'{"variant": "../.."}', 422, "variant"),
+    (b'{"variant": "onnx-fp32", "model": "a/../b"}', 422, "model"),
+    (b'{"variant": "onnx-fp32", "model": "' + b"x" * 5000 + b'"}', 422, "model"),
+    (b'{"variant": "onnx-fp32", "\\ud800": 1}', 422, "body"),
+    (b'{"variant": ', 400, "body"),
+])
+def test_hostile_admin_bodies_get_a_4xx_naming_the_field(monkeypatch: pytest.MonkeyPatch, body: bytes, status: int,
+                                                         field: str) -> None:
+    """A model name is a folder name, never a path; FastAPI's own validation answers in the project's
+    error shape, without echoing the input (a lone surrogate in it was a 500)."""
+    app, service = app_with_token(monkeypatch, TOKEN)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.post("/admin/model", content=body,
+                           headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    assert resp.status_code == status, resp.text
+    assert resp.json()["field"] == field and service.swaps == []
