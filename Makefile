@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rankserve-installed
 
-.PHONY: venv lab test bench losses lint selftest clean-artifacts
+.PHONY: venv lab test bench losses lint selftest faults clean-artifacts
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ lab: venv
 # The open-loop load generator's own capacity on this machine: results/loadgen/<cpu>-selftest.md.
 selftest: venv
 	$(PY) loadtest/openloop.py --self-test
+
+# The fault suite in full (about 40 minutes: the 10-minute soaks and the 60 s overload included):
+# results/reliability/<cpu>-<isa>.md and .csv. Run it on a quiet machine, from a commit.
+faults: venv
+	$(PY) loadtest/faults.py --profile full
 
 test: venv
 	$(PY) -m pytest

@@ -23,6 +23,8 @@ Connections are opened before the run, sized from rate x expected latency, and m
 `processes` > 1 splits the rate over that many processes (a superposition of Poisson processes is
 Poisson), each pinned to one of `cpus`, starting on one shared clock; their histograms merge.
 A trial is bounded by count or duration, a per-request timeout and a drain timeout; loopback only.
+For the fault suite (loadtest/faults.py) a trial can start its schedule at a given CLOCK_MONOTONIC
+time (`start_at`, `--start-at`) and keep one row per arrival (`timeline`, `--timeline FILE`).
 
     python loadtest/openloop.py --host http://127.0.0.1:8000 --payloads FILE --rate 200 --duration 10
     python loadtest/openloop.py --host http://127.0.0.1:8000 --payloads FILE --rate 2000 --count 5000
@@ -51,7 +53,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from loadtest.payloads import PayloadSet, ZipfSampler
-from loadtest.recorder import AnswerRecorder, CpuClock, merge_cpu
+from loadtest.recorder import AnswerRecorder, AnswerTimeline, CpuClock, classify_answer, merge_cpu
 
 START_LEAD_S = 0.05  # the first arrival is scheduled this long after setup, so it is not born late
 PROCESS_START_LEAD_S = 1.0  # the same for a multi-process trial: children fork, connect, then start
@@ -156,6 +158,12 @@ class OpenLoopConfig:
     processes: int = 1
     cpus: list[int] = field(default_factory=list)  # pin process k to cpus[k % len(cpus)]
     spin: bool = False  # poll the loop between sends, never sleep (see WAKEUP_LATE_FRACTION)
+    # One row per arrival (recorder.AnswerTimeline) in the result's "timeline": for loadtest/faults.py,
+    # which must see figures change around a fault; off by default, so sweeps never pay for it.
+    timeline: bool = False
+    # CLOCK_MONOTONIC time of the schedule's start (shared by every process of the machine), so that a
+    # caller can act at a known offset into the schedule (a fault); None: shortly after set-up.
+    start_at: float | None = None
 
     def __post_init__(self) -> None:
         require_loopback(self.host)
@@ -196,6 +204,7 @@ class _ShareResult:
     connections: int
     cpu: dict[str, float]
     cpu_affinity: list[int]
+    timeline: dict[str, Any] | None = None  # AnswerTimeline.to_arrays(), when the config asks for it
 
 
 def _requests_of(payloads: PayloadSet, cfg: OpenLoopConfig, seed: Any, n: int, nonce_base: int, k: int):
@@ -223,13 +232,22 @@ async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | 
     which, nonces = _requests_of(payloads, cfg, seed, len(times), nonce_base, k)
     rec = AnswerRecorder(cfg.slo_ms, open_loop=True)
     last_end = [0.0]
+    timeline = AnswerTimeline(times) if cfg.timeline else None
 
     def on_answer(conn: Any, status: int, body: bytes, error: str | None) -> None:
         end = clock()
         if error is not None:
             rec.error(error)
+            if timeline is not None:
+                timeline.record(conn.tag, status, error, (end - conn.scheduled) * 1000.0)
             return
-        rec.answer(status, body, conn.n_docs, (end - conn.scheduled) * 1000.0, (end - conn.sent_at) * 1000.0)
+        if timeline is None:
+            rec.answer(status, body, conn.n_docs, (end - conn.scheduled) * 1000.0, (end - conn.sent_at) * 1000.0)
+        else:  # what rec.answer does, keeping the answer for its `cached` flag
+            latency_ms = (end - conn.scheduled) * 1000.0
+            reason, data = classify_answer(status, body, conn.n_docs)
+            rec.record(reason, latency_ms, conn.n_docs, data, (end - conn.sent_at) * 1000.0)
+            timeline.record(conn.tag, status, reason, latency_ms, bool(data and data.get("cached")))
         last_end[0] = end
 
     pool = ConnectionPool(host, port, on_answer, max_connections=cfg.max_connections, late_s=cfg.late_ms / 1000.0,
@@ -299,6 +317,7 @@ async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | 
         start=start, first_send=pool.first_send, last_send=pool.last_send,
         last_end=max(last_end[0], start), connections=pool.connections_opened, cpu=cpu.read(),
         cpu_affinity=sorted(os.sched_getaffinity(0)),
+        timeline=timeline.to_arrays() if timeline is not None else None,
     )
 
 
@@ -324,7 +343,7 @@ def _run_processes(cfg: OpenLoopConfig, payloads: PayloadSet, nonce_base: int) -
     from loadtest.http_client import clock
 
     ctx = multiprocessing.get_context("fork")
-    t0 = clock() + PROCESS_START_LEAD_S
+    t0 = cfg.start_at if cfg.start_at is not None else clock() + PROCESS_START_LEAD_S
     children = []
     for k in range(cfg.processes):
         parent_end, child_end = ctx.Pipe(duplex=False)
@@ -332,7 +351,7 @@ def _run_processes(cfg: OpenLoopConfig, payloads: PayloadSet, nonce_base: int) -
         proc.start()
         child_end.close()
         children.append((proc, parent_end))
-    budget = PROCESS_START_LEAD_S + _expected_length_s(cfg) + cfg.drain_timeout_s + 30.0
+    budget = max(PROCESS_START_LEAD_S, t0 - clock()) + _expected_length_s(cfg) + cfg.drain_timeout_s + 30.0
     results: list[_ShareResult] = []
     errors: list[str] = []
     for proc, pipe in children:
@@ -357,7 +376,7 @@ def run_trial(cfg: OpenLoopConfig, payloads: PayloadSet) -> dict[str, Any]:
     """Run one open-loop trial and return its summary (the trial file's contents)."""
     nonce_base = int(np.random.default_rng().integers(10**11))  # fresh query ids on every run
     if cfg.processes == 1:
-        shares = [_run_share(cfg, payloads, 0, None, nonce_base)]
+        shares = [_run_share(cfg, payloads, 0, cfg.start_at, nonce_base)]
     else:
         shares = _run_processes(cfg, payloads, nonce_base)
     return summarize(cfg, payloads, shares)
@@ -422,6 +441,12 @@ def summarize(cfg: OpenLoopConfig, payloads: PayloadSet, shares: list[_ShareResu
         "zipf_s": cfg.zipf_s,
         "cpu_affinity": sorted({c for s in shares for c in s.cpu_affinity}),
     })
+    if cfg.timeline:  # offsets from the earliest share's start (multi-process shares share one)
+        parts = [s.timeline for s in shares if s.timeline is not None]
+        offsets = [s.start - start for s in shares if s.timeline is not None]
+        out["timeline"] = AnswerTimeline.merge([{**p, "scheduled_s": p["scheduled_s"] + o}
+                                               for p, o in zip(parts, offsets, strict=True)])
+        out["timeline_start_monotonic"] = start
     return out
 
 
@@ -460,6 +485,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--zipf-s", type=float, default=None,
                     help="draw queries with Zipf(s) popularity (repeat traffic for a cache), as cache-mix does")
     ap.add_argument("--out", help="write the result JSON here (default: print it)")
+    ap.add_argument("--timeline", default=None,
+                    help="write one row per arrival (scheduled offset, latency, status, outcome, cached) to "
+                         "this .npz file (loadtest/faults.py)")
+    ap.add_argument("--start-at", type=float, default=None,
+                    help="CLOCK_MONOTONIC time at which the schedule starts (default: just after set-up)")
     ap.add_argument("--seconds-per-step", type=float, default=3.0, help="--self-test: length of each rate step")
     args = ap.parse_args(argv)
     if args.self_test:
@@ -475,9 +505,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         expected_latency_ms=args.expected_latency_ms, late_ms=args.late_ms, request_timeout_s=args.request_timeout,
         drain_timeout_s=args.request_timeout, unique_queries=not args.reuse_queries, zipf_s=args.zipf_s,
         slo_ms=args.slo_ms, processes=args.processes, cpus=[int(c) for c in args.cpus.split(",") if c.strip()],
-        spin=args.spin,
+        spin=args.spin, timeline=bool(args.timeline), start_at=args.start_at,
     )  # fmt: skip
     result = run_trial(cfg, PayloadSet.load(args.payloads))
+    if args.timeline:
+        Path(args.timeline).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.timeline, **result.pop("timeline"),
+                            start_monotonic=np.float64(result["timeline_start_monotonic"]))
     result["config"] = asdict(cfg)
     text = json.dumps(result, indent=1)
     if args.out:

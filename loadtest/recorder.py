@@ -229,3 +229,59 @@ class AnswerRecorder:
             out["outcomes_by_name"] = {k: dict(zip(OUTCOME_KEYS, v, strict=True))
                                        for k, v in sorted(self.outcomes_by_name.items())}
         return out
+
+
+# Outcome codes of AnswerTimeline rows.
+OK, DEGRADED_ANSWER, REJECTED, ERROR, UNANSWERED = 0, 1, 2, 3, -1
+OUTCOME_NAMES = {OK: "ok", DEGRADED_ANSWER: "degraded", REJECTED: "rejected", ERROR: "error", UNANSWERED: "unanswered"}
+
+
+class AnswerTimeline:
+    """One row per scheduled arrival: what a fault suite needs to see figures change over time.
+
+    The recorder's histograms say how a whole trial went; a fault is a moment, so loadtest/faults.py
+    needs each answer's time: the arrival's scheduled offset (seconds from the schedule's start), its
+    latency from that time (the corrected latency, also for errors and rejections), the HTTP status
+    (0: no answer), the outcome (OK, DEGRADED_ANSWER, REJECTED for a 503, ERROR) and the `cached`
+    flag. Optional (`OpenLoopConfig.timeline`): about 20 bytes an arrival, which sweeps never pay.
+    """
+
+    def __init__(self, scheduled_s: Any) -> None:
+        import numpy as np
+
+        n = len(scheduled_s)
+        self.scheduled_s = np.asarray(scheduled_s, dtype=np.float64)
+        self.latency_ms = np.full(n, np.nan, dtype=np.float32)
+        self.status = np.zeros(n, dtype=np.int16)
+        self.outcome = np.full(n, UNANSWERED, dtype=np.int8)
+        self.cached = np.zeros(n, dtype=np.bool_)
+
+    def record(self, index: int, status: int, reason: str | None, latency_ms: float, cached: bool = False) -> None:
+        """Arrival `index` got `status` (0: none) and was classified `reason` (classify_answer's)."""
+        self.latency_ms[index] = latency_ms
+        self.status[index] = status
+        if reason is None:
+            self.outcome[index] = OK
+        elif reason == DEGRADED:
+            self.outcome[index] = DEGRADED_ANSWER
+        elif status == 503:
+            self.outcome[index] = REJECTED
+        else:
+            self.outcome[index] = ERROR
+        self.cached[index] = cached
+
+    def to_arrays(self, offset_s: float = 0.0) -> dict[str, Any]:
+        """Columns as numpy arrays; `offset_s` is added to the scheduled offsets (another share's clock)."""
+        return {"scheduled_s": self.scheduled_s + offset_s, "latency_ms": self.latency_ms, "status": self.status,
+                "outcome": self.outcome, "cached": self.cached}
+
+    @staticmethod
+    def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several shares' columns as one table, in scheduled order."""
+        import numpy as np
+
+        if not parts:
+            return {}
+        merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        order = np.argsort(merged["scheduled_s"], kind="stable")
+        return {key: column[order] for key, column in merged.items()}

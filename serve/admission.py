@@ -13,8 +13,9 @@ routed, so a refusal costs a few tens of microseconds:
   wait is the queue. It is measured as the time since the first request of the current pass
   started (a `call_soon` marker ends the pass: it runs after every callback already queued), which
   needs no hook into the server and works on any asyncio loop. The bound adapts, as in Facebook's
-  CoDel-style admission ("Fail at scale", ACM Queue 2015): while the loop keeps catching up (a pass
-  shorter than `admission_queue_ms` ended within the last `admission_interval_ms`), a burst may
+  CoDel-style admission ("Fail at scale", ACM Queue 2015): while the loop keeps catching up (within
+  the last `admission_interval_ms` a pass held one request or was shorter than `admission_queue_ms`,
+  or the loop went idle between passes), a burst may
   queue up to `admission_interval_ms`; once it has not caught up for that long, the queue is
   standing (overload) and the bound drops to `admission_queue_ms`. Passes then stay short, so the
   refused requests are answered within a few milliseconds and the admitted ones keep their latency.
@@ -41,6 +42,9 @@ from typing import Any
 import orjson
 
 RETRY_AFTER_S = 1
+# A pass that starts this long after the previous one ended found the loop idle: the queue was empty.
+# Under a standing queue the next pass starts soon after the last one's end (reading sockets between).
+IDLE_GAP_S = 0.005
 ADMITTED_PATHS = ("/rank",)  # what admission guards; health, metrics and admin always answer
 
 Scope = dict[str, Any]
@@ -53,7 +57,7 @@ class AdmissionLimits:
     """The bounds (ServiceConfig's admission fields); None turns a bound off."""
 
     queue_ms: float | None = None  # the queue-delay bound under a standing queue
-    interval_ms: float = 50.0  # how long the loop may go without catching up, and a burst's bound
+    interval_ms: float = 100.0  # how long the loop may go without catching up, and a burst's bound
     max_inflight: int | None = None
 
 
@@ -80,13 +84,18 @@ class AdmissionControl:
         self._configured = False
         self.inflight = 0
         self._pass_start: float | None = None
+        self._pass_end = 0.0
+        self._pass_requests = 0
         self._caught_up_at = time.perf_counter()
 
     def _end_pass(self) -> None:
+        """The marker: a pass with one request (nobody waited) or a short one means the loop caught up."""
         now = time.perf_counter()
-        if self._pass_start is not None and self._queue_s is not None and now - self._pass_start < self._queue_s:
+        if self._pass_start is not None and self._queue_s is not None and (
+                self._pass_requests == 1 or now - self._pass_start < self._queue_s):
             self._caught_up_at = now
         self._pass_start = None
+        self._pass_end = now
 
     def overloaded(self, now: float) -> bool:
         """The loop has not caught up for a whole interval: a standing queue, not a burst."""
@@ -95,9 +104,13 @@ class AdmissionControl:
     def queue_delay_s(self, now: float) -> float:
         """How long the current pass of the event loop has run before this request: its wait."""
         if self._pass_start is None:
+            if now - self._pass_end > IDLE_GAP_S:  # the loop was idle since the last pass: no queue stood
+                self._caught_up_at = now
             self._pass_start = now
+            self._pass_requests = 1
             asyncio.get_running_loop().call_soon(self._end_pass)
             return 0.0
+        self._pass_requests += 1
         return now - self._pass_start
 
     def refusal(self, now: float) -> str | None:

@@ -100,9 +100,9 @@ class ServiceConfig(BaseModel):
         description="under a standing queue, refuse a request that already waited this long on the server's "
                     "event loop (None: no queue bound)")
     admission_interval_ms: float = Field(
-        50.0, gt=0,
+        100.0, gt=0,
         description="a queue that has not drained for this long is standing (overload); until then a burst "
-                    "may queue this long (the SLO's order)")
+                    "may queue this long (Facebook's CoDel interval)")
     max_inflight: int | None = Field(
         None, ge=1,
         description="requests in flight per process (uvicorn) or replica (Ray); None: derived (see inflight_bound)")

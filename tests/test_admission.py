@@ -121,6 +121,27 @@ def test_a_standing_queue_lowers_the_bound_until_the_loop_catches_up() -> None:
     assert set(rejected) == {"queue"}
 
 
+def test_an_idle_loop_is_not_a_standing_queue() -> None:
+    """At a low rate the loop sits idle between passes for longer than the interval: a pass of two
+    requests after that is a burst (bound 20 ms), not a standing queue (5 ms)."""
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        time.sleep(0.008)
+        await _ok(scope, receive, send)
+
+    gate = AdmissionControl(slow, limits=lambda: AdmissionLimits(5.0, 20.0), on_reject=lambda reason: None)
+
+    async def sparse_passes() -> list[list[int]]:
+        statuses = []
+        for _ in range(3):
+            answers = [Recorded() for _ in range(2)]
+            await asyncio.gather(*(gate(_scope(), _receive, a.send) for a in answers))
+            statuses.append([a.status for a in answers])
+            await asyncio.sleep(0.03)  # idle, longer than the interval
+        return statuses
+
+    assert asyncio.run(sparse_passes()) == [[200, 200]] * 3
+
+
 def test_a_new_pass_of_the_loop_starts_a_new_queue() -> None:
     """Requests in separate passes never wait for each other: none is refused however slow each is."""
     gate = AdmissionControl(_ok, limits=lambda: AdmissionLimits(10.0, 15.0), on_reject=lambda reason: None)
