@@ -63,7 +63,7 @@ class ModelSwap(_Strict):
 
 
 class Overload(_Strict):
-    """`factor` x the measured capacity for `duration_s`: a second generator adds what the base lacks."""
+    """`factor` x the measured capacity for `duration_s`: the generator's schedule adds what the base lacks (`--surge`)."""
 
     kind: Literal["overload"]
     at_s: float = Field(gt=0)

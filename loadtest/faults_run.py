@@ -4,9 +4,11 @@ Why the load runs in a subprocess started on a shared clock: the fault must happ
 in the load's schedule. The driver picks the schedule's start on CLOCK_MONOTONIC (shared by every
 process of the machine), starts `loadtest/openloop.py --start-at T0 --timeline FILE` on the load
 generator's core, sleeps until T0 + at_s, and injects the fault from its own thread, which otherwise
-sleeps (the generator keeps its core to itself). An overload is a second generator that starts at
-T0 + at_s: two Poisson processes superpose to one. Afterwards the per-arrival timelines give the
-phases and the recovery time (loadtest/faults_timeline.py), and the checks judge them.
+sleeps (the generator keeps its core to itself). An overload is a second Poisson process in the same
+generator's schedule from T0 + at_s (`--surge`): two Poisson processes superpose to one, and one
+generator keeps one schedule where two on one core competed for it. Afterwards the per-arrival
+timeline gives the phases and the recovery time (loadtest/faults_timeline.py), and the checks
+judge them.
 
 Placement follows the sweep (loadtest/services.plan_cores): the service and Redis on the service's
 cores, this driver and the generators on the others.
@@ -104,7 +106,8 @@ class Generator:
 
 
 def start_generator(ctx: RunContext, scenario: Scenario, name: str, url: str, payloads: Path, rate: float,
-                    duration_s: float, start_at: float, seed: int) -> Generator:
+                    duration_s: float, start_at: float, seed: int,
+                    surge: tuple[float, float, float] | None = None) -> Generator:
     load = scenario.load
     out = ctx.work_dir / scenario.name
     out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +121,8 @@ def start_generator(ctx: RunContext, scenario: Scenario, name: str, url: str, pa
            "--timeline", str(timeline), "--out", str(result)]
     if load.zipf_s:
         cmd += ["--zipf-s", repr(float(load.zipf_s))]
+    if surge is not None:
+        cmd += ["--surge", *(repr(float(v)) for v in surge)]
     cpus = set(ctx.loadgen_cpus)
     with open(log, "wb") as log_file:
         process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
@@ -204,7 +209,7 @@ def inject_fault(scenario: Scenario, t0: float, redis: inject.FaultRedis, servic
         swap = inject.swap_model(url, fault.variant, ctx.admin_token, fault.timeout_s)
         started, ended = swap.pop("started"), swap.pop("ended")
         info["swap"] = {**swap, "variant": fault.variant, "duration_s": ended - started}
-    elif fault.kind == "overload":  # the second generator does it
+    elif fault.kind == "overload":  # the generator's schedule does it (`--surge`)
         started, ended = t0 + fault.at_s, t0 + fault.at_s + fault.duration_s
     else:  # none: the soak
         ended = t0 + scenario.load.duration_s
@@ -301,12 +306,12 @@ def _run_load(scenario: Scenario, ctx: RunContext, service: RunningService, redi
         rate = load.capacity_fraction * capacity["ok_rps"]
     result["rate_per_s"] = rate
     t0 = time.monotonic() + START_LEAD_S
-    generators = [start_generator(ctx, scenario, "load", url, payloads, rate, load.duration_s, t0, ctx.seed)]
-    if fault.kind == "overload":
+    surge = None
+    if fault.kind == "overload":  # the same generator's schedule carries it (`surge`)
         extra = fault.factor * result["capacity_rps"] - rate
         result["overload_rate_per_s"] = rate + extra
-        generators.append(start_generator(ctx, scenario, "overload", url, payloads, extra, fault.duration_s,
-                                          t0 + fault.at_s, ctx.seed + 1))
+        surge = (fault.at_s, fault.duration_s, extra)
+    generators = [start_generator(ctx, scenario, "load", url, payloads, rate, load.duration_s, t0, ctx.seed, surge)]
     sampler = inject.RssSampler(service.process.pid, scenario.rss_every_s, lambda: {"redis-server": redis.pid}, t0)
     sampler.start()
     try:

@@ -178,7 +178,7 @@ def add_admission_options(p: argparse.ArgumentParser, *, ray: bool = False) -> N
                    help="a queue that has not drained for this long is standing (overload); a burst may queue "
                         "this long")
     p.add_argument("--max-inflight", type=int, default=None,
-                   help="requests in flight per process / replica (default: 16 per inference thread)")
+                   help="requests in flight per process / replica (default: 64 per inference thread)")
     if ray:
         p.add_argument("--max-queued-requests", type=int, default=None,
                        help="requests Ray queues for the replicas before answering 503 "

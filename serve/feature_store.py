@@ -17,8 +17,9 @@ Usage::
     load_features(url, "synthetic", splits=("test",))            # or load_split(url, name, split)
     X = FeatureStore(url).get_features("synthetic", ["test-0", "test-1"])    # float32 [2, F]
     X = await AsyncFeatureStore(url).get_features("synthetic", doc_ids)      # in async def
-    # unknown ids raise MissingFeaturesError (a ValueError: answer 4xx); a down Redis raises
-    # FeatureStoreUnavailableError (answer 503).
+    # unknown ids raise MissingFeaturesError (a ValueError: answer 4xx); a down Redis, or a store
+    # with no record of the dataset (empty, or still loading), raises FeatureStoreUnavailableError
+    # (the service answers degraded).
 """
 
 from __future__ import annotations
@@ -92,6 +93,18 @@ def _decode(dataset: str, doc_ids: Sequence[str | int], values: Sequence[bytes |
     return matrix.astype(np.float32, copy=False)
 
 
+def meta_key(dataset: str) -> str:
+    """The hash `load` writes once a split's rows are all in: its absence means "not loaded"."""
+    return f"{META_PREFIX}:{dataset}"
+
+
+def _not_loaded(url: str, dataset: str) -> FeatureStoreUnavailableError:
+    """Ids missing from a store with no dataset record: the store is empty or still loading (a Redis
+    restarted without persistence): the server's state, answered degraded, not the client's 422."""
+    return FeatureStoreUnavailableError(f"feature store at {url}: dataset {dataset!r} is not loaded "
+                                        f"(no {meta_key(dataset)}); load it with serve/feature_store.py load")
+
+
 def _check_ids(doc_ids: Sequence[str | int]) -> list[str]:
     if len(doc_ids) == 0:
         raise FeatureStoreError("doc_ids: must name at least one document")
@@ -111,13 +124,15 @@ class FeatureStore:
         ids = _check_ids(doc_ids)
         try:
             values = self.client.mget([feature_key(dataset, doc_id) for doc_id in ids])
+            if any(value is None for value in values) and not self.client.exists(meta_key(dataset)):
+                raise _not_loaded(self.url, dataset)
         except REDIS_FAILURES as exc:
             raise FeatureStoreUnavailableError(f"feature store at {self.url}: {exc}") from exc
         return _decode(dataset, ids, values)
 
     def describe(self, dataset: str) -> dict[str, str]:
         """What `load` recorded for the dataset (n_features, source, docs per split); {} if unknown."""
-        meta = self.client.hgetall(f"{META_PREFIX}:{dataset}")
+        meta = self.client.hgetall(meta_key(dataset))
         return {key.decode(): value.decode() for key, value in meta.items()}
 
     def close(self) -> None:
@@ -137,6 +152,8 @@ class AsyncFeatureStore:
         ids = _check_ids(doc_ids)
         try:
             values = await self.client.mget([feature_key(dataset, doc_id) for doc_id in ids])
+            if any(value is None for value in values) and not await self.client.exists(meta_key(dataset)):
+                raise _not_loaded(self.url, dataset)
         except REDIS_FAILURES as exc:
             raise FeatureStoreUnavailableError(f"feature store at {self.url}: {exc}") from exc
         return _decode(dataset, ids, values)
@@ -161,7 +178,7 @@ def load_split(url: str, dataset: str, split: LTRSplit, chunk_size: int = 1000) 
                 pipe.set(feature_key(dataset, ids[row]), features[row].tobytes())
             pipe.execute()
         client.hset(
-            f"{META_PREFIX}:{dataset}",
+            meta_key(dataset),
             mapping={"n_features": features.shape[1], f"docs:{split.name}": len(ids)},
         )
     finally:

@@ -203,8 +203,8 @@ def test_other_paths_and_a_service_without_admission_are_never_refused() -> None
 
 
 def test_derived_bounds() -> None:
-    assert ServiceConfig().inflight_bound == 16
-    assert ServiceConfig(inference_workers=2).inflight_bound == 32
+    assert ServiceConfig().inflight_bound == 64
+    assert ServiceConfig(inference_workers=2).inflight_bound == 128
     assert ServiceConfig(topology="split").inflight_bound is None
     assert ServiceConfig(max_inflight=3).inflight_bound == 3
     assert ServiceConfig(replicas=2, ingress_max_ongoing_requests=64).queued_requests == 128

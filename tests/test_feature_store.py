@@ -83,7 +83,9 @@ def test_missing_ids_raise_with_the_first_few(redis_url: str, loaded: str) -> No
     assert isinstance(error, ValueError)
     assert error.n_missing == 21 and error.missing[:2] == ["nope-1", "gone-0"] and len(error.missing) == 10
     assert "doc_ids" in str(error) and "'nope-1'" in str(error) and "11 more" in str(error)
-    with pytest.raises(MissingFeaturesError):
+    # A dataset the store has no record of (never loaded, or Redis restarted empty) is the server's
+    # state, not the client's mistake: unavailable (the service answers degraded), not a 4xx.
+    with pytest.raises(FeatureStoreUnavailableError, match="not loaded"):
         store.get_features("no-such-dataset", ["test-0"])
 
 

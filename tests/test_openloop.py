@@ -340,3 +340,15 @@ def test_max_throughput_invalid_when_nothing_meets_the_slo(rank_url: str, payloa
     )  # fmt: skip
     assert out.status == INVALID and out.max_rate_per_s is None
     assert "no tried rate" in out.reasons[0]
+
+
+def test_a_surge_adds_a_second_poisson_process_for_its_window_only() -> None:
+    """`surge=(at, length, rate)`: one schedule carries the overload (loadtest/faults.py)."""
+    base = OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=100, duration_s=3, seed=4)
+    surged = OpenLoopConfig(host="http://127.0.0.1:1", rate_per_s=100, duration_s=3, seed=4, surge=(1.0, 1.0, 2000))
+    (plain, _), (times, _) = base.share(0), surged.share(0)
+    assert np.all(np.diff(times) >= 0)
+    extra = len(times) - len(plain)
+    assert 1800 < extra < 2200
+    inside = (times >= 1.0) & (times < 2.0)
+    assert inside.sum() - ((plain >= 1.0) & (plain < 2.0)).sum() == extra
