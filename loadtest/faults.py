@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.faults_config import FAULTS_DIR, FaultFileError, Profile, Scenario, load_profile
-from loadtest.faults_inject import ADMIN_TOKEN_ENV
 from loadtest.faults_report import ERROR, write_results
 from loadtest.faults_run import RunContext, pinned_to, run_scenario
 from loadtest.services import plan_cores
 from models.paths import RESULTS
+from serve.security import ADMIN_TOKEN_ENV
 
 RELIABILITY_DIR = RESULTS / "reliability"
 

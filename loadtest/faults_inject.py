@@ -28,8 +28,6 @@ import psutil
 
 from serve.redis_server import EmbeddedRedis, RedisStartError
 
-ADMIN_TOKEN_ENV = "RANKSERVE_ADMIN_TOKEN"  # serve/security.py reads it at the server's start
-
 
 class FaultRedis(EmbeddedRedis):
     """An EmbeddedRedis pinned to `cores` (taskset execs, so the pid is redis-server's) and, with

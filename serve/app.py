@@ -53,7 +53,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.admission import Overloaded
 from serve.config import MODEL_FIELDS, ServiceConfig
-from serve.http_app import HttpService, build_http_app
+from serve.http_app import HttpService, build_http_app, freeze_startup_objects
 from serve.metrics import ServiceMetrics
 from serve.ranking import ScoreOutcome, local_outcome, model_identity, model_of, name_of, timed_score
 from serve.ray_setup import DEPLOYMENT_SHUTDOWN_OPTIONS, ray_metrics_enabled
@@ -109,6 +109,7 @@ class ReplicaScorer:
         self._score_batch.set_max_batch_size(int(config["max_batch_docs"]))
         self._score_batch.set_batch_wait_timeout_s(float(config["batch_wait_ms"]) / 1000)
         self._scoring_config = dict(config)
+        freeze_startup_objects(collect=False)  # the replica and its model, out of the full GC passes
 
     async def model_info(self) -> dict[str, Any]:
         scorer = self._scorer
@@ -267,6 +268,7 @@ class Ingress:
         self.backend.identity = await asyncio.to_thread(
             model_identity, config["variant"], config.get("model"), config.get("manifest_path"))
         self.service.config = _with_model(self.service.config, config)
+        freeze_startup_objects(collect=False)
 
 
 def _pinned_version(config: ServiceConfig, role: str) -> str:

@@ -54,7 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, ParseM
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, parse_mode = parse_args(argv)
-    return uvicorn_server.serve_forever(create_app(config, parse_mode=parse_mode), config)
+    # No heap freeze either: the garbage collector's full passes stay, as in a first version.
+    return uvicorn_server.serve_forever(create_app(config, parse_mode=parse_mode), config, freeze_heap=False)
 
 
 if __name__ == "__main__":

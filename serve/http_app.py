@@ -15,6 +15,7 @@ Ray redeploys the app with a new `user_config`, which every replica applies in `
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -130,6 +131,21 @@ class HttpService:
     async def apply_swap(self, new_config: ServiceConfig) -> dict[str, Any]:
         """Make every scorer of this service serve new_config's model; return its identity."""
         raise NotImplementedError
+
+
+def freeze_startup_objects(*, collect: bool = True) -> None:
+    """Put every object alive now (modules, the app, the model) out of the garbage collector's reach.
+
+    Why: a full collection walks every long-lived object, and in a server process that is ~82,000 of
+    them: ~90 ms on the lab's machine, a stall of the event loop that showed in the fault suite's
+    runs as a p99 spike and a burst of admission refusals. Frozen objects are never walked again;
+    new ones are collected as before. `collect=False` (a model swap under traffic) skips the
+    collection first, so freezing costs nothing on the request path; the little garbage alive at that
+    moment is kept for good.
+    """
+    if collect:
+        gc.collect()
+    gc.freeze()
 
 
 def checked_swap(config: ServiceConfig, swap: ModelSwap) -> ServiceConfig:

@@ -34,7 +34,7 @@ from fastapi import FastAPI  # noqa: E402
 from serve.admission import add_admission_options  # noqa: E402
 from serve.config import DEFAULT_VARIANT, ServiceConfig  # noqa: E402
 from serve.encoding import ParseMode  # noqa: E402
-from serve.http_app import HttpService, build_http_app  # noqa: E402
+from serve.http_app import HttpService, build_http_app, freeze_startup_objects  # noqa: E402
 from serve.metrics import ServiceMetrics  # noqa: E402
 from serve.ranking import LocalBackend  # noqa: E402
 
@@ -52,6 +52,7 @@ class LocalHttpService(HttpService):
         scorer = await asyncio.to_thread(load_scorer, new_config.variant, new_config.model,
                                          threads=new_config.threads, manifest_path=new_config.manifest_path)
         self.backend.scorer = scorer  # one assignment: a call already running keeps the old scorer
+        freeze_startup_objects(collect=False)  # the new model's objects too
         return await self.backend.probe()
 
 
@@ -105,10 +106,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, ParseM
     return ServiceConfig(**options, batching=False), parse_mode
 
 
-def serve_forever(app: FastAPI, config: ServiceConfig) -> int:
+def serve_forever(app: FastAPI, config: ServiceConfig, *, freeze_heap: bool = True) -> int:
     """Run `app` on uvicorn; print `READY <url>` once the socket is bound (like serve/run.py); exit 0
-    after a graceful stop on SIGINT or SIGTERM."""
+    after a graceful stop on SIGINT or SIGTERM. `freeze_heap`: keep the start-up objects out of the
+    garbage collector's full passes (`freeze_startup_objects`)."""
     import uvicorn
+
+    if freeze_heap:
+        freeze_startup_objects()
 
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
 

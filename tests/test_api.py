@@ -23,7 +23,7 @@ from export.runtime import load_scorer
 from serve.baseline import create_app
 from serve.config import ServiceConfig
 from serve.encoding import encode_msgpack
-from serve.feature_store import feature_key
+from serve.feature_store import feature_key, meta_key
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +173,11 @@ def test_feature_store_mode_reads_redis(scorer, redis_url: str) -> None:
     client.mset({feature_key(dataset, i): row.astype("<f4").tobytes() for i, row in zip(ids, X, strict=True)})
     config = ServiceConfig(variant="onnx-fp32", redis_url=redis_url, feature_dataset=dataset, cache=False)
     with TestClient(create_app(config, scorer=scorer)) as c:
+        # No record of the dataset (what `load` writes last): the store is empty or loading, the
+        # server's state, so the answer is degraded, not a 422 blaming the client's ids.
+        loading = c.post("/rank", json={"query_id": "fs", "doc_ids": [*ids, "nope"]})
+        assert loading.status_code == 200 and loading.json()["degraded"] is True
+        client.hset(meta_key(dataset), mapping={"n_features": scorer.n_features})
         resp = c.post("/rank", json={"query_id": "fs", "doc_ids": ids})
         assert resp.status_code == 200, resp.text
         served = {r["id"]: r["score"] for r in resp.json()["results"]}

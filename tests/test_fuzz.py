@@ -62,7 +62,7 @@ from serving_artifacts import build_test_artifacts
 from export.runtime import load_manifest
 from models.paths import REPO_ROOT
 from serve.encoding import encode_msgpack
-from serve.feature_store import feature_key
+from serve.feature_store import feature_key, meta_key
 from serve.redis_server import EmbeddedRedis, free_port
 from serve.schemas import RankResponse
 
@@ -149,9 +149,10 @@ def feature_rows(redis_server: EmbeddedRedis, manifest: Path) -> Iterator[tuple[
     client = redis.Redis.from_url(url, socket_timeout=5)
     keys = [feature_key(dataset, doc_id) for doc_id in ids]
     client.mset({key: row.tobytes() for key, row in zip(keys, rows, strict=True)})
+    client.hset(meta_key(dataset), mapping={"n_features": n_features})  # loaded: unknown ids are a 422
     yield url, dataset, ids
     with contextlib.suppress(redis.RedisError):
-        client.delete(*keys)
+        client.delete(*keys, meta_key(dataset))
     client.close()
 
 
