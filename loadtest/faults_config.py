@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loadtest.sweep_config import ServiceSpec
+from loadtest.sweep_config import ServiceSpec, load_yaml_model
 
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
 
@@ -220,13 +219,4 @@ class FaultFileError(ValueError):
 
 
 def load_profile(path: Path | str) -> Profile:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise FaultFileError(f"{path}: not valid YAML: {error}") from error
-    try:
-        return Profile.model_validate(data)
-    except ValidationError as error:
-        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()]
-        raise FaultFileError(f"{path}: invalid fault file\n" + "\n".join(lines)) from error
+    return load_yaml_model(path, Profile, FaultFileError, "fault file")

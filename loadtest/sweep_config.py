@@ -11,7 +11,7 @@ baseline server never batches); a field the kind does not take is an error namin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -26,6 +26,8 @@ from pydantic import (
 
 from loadtest.services import SERVICES, ServerKind
 from serve.config import ServiceConfig
+
+M = TypeVar("M", bound=BaseModel)
 
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
 
@@ -236,18 +238,24 @@ class SweepFileError(ValueError):
     """A sweep file that cannot be used; the message names the file and the field."""
 
 
-def load_sweep(path: Path | str) -> Sweep:
-    """Read and validate a sweep YAML file."""
+def load_yaml_model(path: Path | str, model: type[M], error: type[ValueError], what: str) -> M:
+    """Read a YAML file into `model`; `error` names the file and every invalid field (sweep and
+    fault files alike)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SweepFileError(f"{path}: not valid YAML: {error}") from error
+    except yaml.YAMLError as problem:
+        raise error(f"{path}: not valid YAML: {problem}") from problem
     try:
-        return Sweep.model_validate(data)
-    except ValidationError as error:
+        return model.model_validate(data)
+    except ValidationError as invalid:
         lines = []
-        for problem in error.errors():
+        for problem in invalid.errors():
             where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
             lines.append(f"  {where}: {problem['msg']}")
-        raise SweepFileError(f"{path}: invalid sweep file\n" + "\n".join(lines)) from error
+        raise error(f"{path}: invalid {what}\n" + "\n".join(lines)) from invalid
+
+
+def load_sweep(path: Path | str) -> Sweep:
+    """Read and validate a sweep YAML file."""
+    return load_yaml_model(path, Sweep, SweepFileError, "sweep file")

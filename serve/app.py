@@ -301,7 +301,7 @@ def deployment_options(config: ServiceConfig) -> dict[str, dict[str, Any]]:
                    "user_config": config.ranker_user_config(), **stop},
         "Ingress": {"num_replicas": config.ingress_replicas,
                     "max_ongoing_requests": config.ingress_max_ongoing_requests,
-                    "max_queued_requests": max(8, config.ingress_max_ongoing_requests * config.ingress_replicas),
+                    "max_queued_requests": config.ingress_queued_requests,
                     "user_config": config.model_user_config(), **stop},
     }
 

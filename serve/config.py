@@ -173,6 +173,11 @@ class ServiceConfig(BaseModel):
         ongoing = self.colocated_ongoing_requests if self.topology == "colocated" else self.ongoing_requests
         return max(8, ongoing * self.replicas)
 
+    @property
+    def ingress_queued_requests(self) -> int:
+        """Ray's `max_queued_requests` for split's ingress deployment: as many as its replicas have in flight."""
+        return max(8, self.ingress_max_ongoing_requests * self.ingress_replicas)
+
     def ranker_user_config(self) -> dict[str, Any]:
         """What the scoring deployment (colocated, or split's ranker) gets as `user_config`: changing
         it reconfigures every replica in place (a model swap reaches them all)."""

@@ -165,15 +165,18 @@ def wait_for_line(proc: subprocess.Popen, prefix: str, lines: list[str], timeout
 
 
 @contextlib.contextmanager
-def running_server(args: list[str], port: int, timeout_s: float = 60.0, cwd: Path | None = None) -> Iterator[str]:
-    """Run `python ARGS` (a server listening on `port`); yield its base URL once /readyz answers; stop it."""
-    log = tempfile.TemporaryFile()  # server output, kept off a pipe that nobody drains
+def running_server(args: list[str], port: int, timeout_s: float = 60.0, cwd: Path | None = None, *,
+                   log_path: Path | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run `python ARGS` (a server listening on `port`); yield its base URL once /readyz answers; stop it.
+    The output goes to `log_path` (for the test to read) or a temporary file, never to an undrained pipe;
+    `env` replaces the inherited environment."""
+    log = log_path.open("wb") if log_path is not None else tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, *args],
         cwd=cwd,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     try:

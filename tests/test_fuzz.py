@@ -32,8 +32,6 @@ import json
 import os
 import select
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -49,6 +47,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
+from loadtest_rank_app import running_server
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -169,26 +168,12 @@ def uvicorn_server(manifest: Path, feature_rows: tuple[str, str, list[str]],
     redis_url, dataset, ids = feature_rows
     port = free_port()
     log = tmp_path_factory.mktemp("fuzz") / "uvicorn.log"
-    cmd = [sys.executable, "serve/uvicorn_server.py", "--port", str(port), "--variant", "onnx-int8-dynamic",
-           "--manifest-path", str(manifest), "--redis-url", redis_url, "--cache", "--feature-dataset", dataset,
-           "--max-docs", str(MAX_DOCS), "--max-body-bytes", str(MAX_BODY)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=_no_admin_token())
-    try:
-        deadline = time.monotonic() + 120
-        while "READY" not in log.read_text(errors="replace"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}"
+    args = ["serve/uvicorn_server.py", "--port", str(port), "--variant", "onnx-int8-dynamic",
+            "--manifest-path", str(manifest), "--redis-url", redis_url, "--cache", "--feature-dataset", dataset,
+            "--max-docs", str(MAX_DOCS), "--max-body-bytes", str(MAX_BODY)]
+    with running_server(args, port, timeout_s=120, cwd=REPO_ROOT, log_path=log, env=_no_admin_token()) as url:
         ready = requests.get(f"{url}/readyz", timeout=30).json()
         yield Server(url, ready["model"]["n_features"], ids, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
