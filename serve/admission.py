@@ -7,18 +7,23 @@ once keeps the admitted requests within the SLO and tells clients when to come b
 Two bounds, checked per process (a plain-uvicorn server, or one Ray replica) before the request is
 routed, so a refusal costs a few tens of microseconds:
 
-- **queue delay**: how long this request already waited on the event loop before its handler ran.
-  A short list is scored on the loop itself (serve/ranking.py), so under overload the requests read
-  in one pass of the loop run one after another and the last ones wait for all the others: that
-  wait is the queue. It is measured as the time since the first request of the current pass
-  started (a `call_soon` marker ends the pass: it runs after every callback already queued), which
-  needs no hook into the server and works on any asyncio loop. The bound adapts, as in Facebook's
-  CoDel-style admission ("Fail at scale", ACM Queue 2015): while the loop keeps catching up (within
-  the last `admission_interval_ms` a pass held one request or was shorter than `admission_queue_ms`,
-  or the loop went idle between passes), a burst may
-  queue up to `admission_interval_ms`; once it has not caught up for that long, the queue is
-  standing (overload) and the bound drops to `admission_queue_ms`. Passes then stay short, so the
-  refused requests are answered within a few milliseconds and the admitted ones keep their latency.
+- **queue delay**: how long this request may have waited before its handler ran. A short list is
+  scored on the event loop itself (serve/ranking.py), so under overload the requests read in one pass
+  of the loop run one after another, and the requests that arrived meanwhile wait in the kernel's
+  socket buffers until the next pass reads them. A `call_soon` marker ends each pass (it runs after
+  every callback already queued), which needs no hook into the server and works on any asyncio loop.
+  A request's wait is counted from the start of the previous pass (when the poll that preceded it
+  ran, the earliest it can have arrived unread), or from the start of its own pass when the loop sat
+  idle in between (off the CPU for `IDLE_GAP_S`: nothing was waiting). Counting only the time inside
+  the pass, as this module first did, missed the kernel's queue: passes grew to tens of milliseconds
+  while each looked short (results/reliability/, the overload row at e843682).
+  The bound adapts, as in Facebook's CoDel-style admission ("Fail at scale", ACM Queue 2015): a burst
+  may queue up to `admission_interval_ms`; once no request has waited less than `admission_queue_ms`
+  for a whole interval the queue is standing (overload) and the bound drops to `admission_queue_ms`.
+  Refusals then keep each pass short, so short waits come back while the overload lasts: the bound
+  is raised again only when the loop goes idle or no request has waited `admission_queue_ms` for a
+  whole interval (a queue that no longer stands), not at the first short wait, which made the bound
+  swing between the two values every interval and let the queue grow to the burst bound each time.
 - **in flight** (`max_inflight`): requests admitted and not yet answered. Long lists wait for the
   inference threads (or split's ranker deployment) off the loop, where the loop sees no delay; the
   count bounds that queue.
@@ -42,7 +47,7 @@ from typing import Any
 import orjson
 
 RETRY_AFTER_S = 1
-# A pass that starts this long after the previous one ended found the loop idle: the queue was empty.
+# A loop that spent this long off the CPU between two passes sat idle in its poll: the queue was empty.
 # Under a standing queue the next pass starts soon after the last one's end (reading sockets between).
 IDLE_GAP_S = 0.005
 ADMITTED_PATHS = ("/rank",)  # what admission guards; health, metrics and admin always answer
@@ -57,7 +62,7 @@ class AdmissionLimits:
     """The bounds (ServiceConfig's admission fields); None turns a bound off."""
 
     queue_ms: float | None = None  # the queue-delay bound under a standing queue
-    interval_ms: float = 100.0  # how long the loop may go without catching up, and a burst's bound
+    interval_ms: float = 100.0  # a burst's bound, and how long a queue must stand (or be gone) to switch
     max_inflight: int | None = None
 
 
@@ -71,47 +76,62 @@ class AdmissionControl:
 
     `limits()` returns the `AdmissionLimits`; it is read at the first request, because a Ray
     replica's settings exist only once the replica is up. `on_reject(reason)` counts a refusal in
-    the service's metrics.
+    the service's metrics. `clock` is wall time and `cpu_clock` the loop thread's CPU time (idle
+    detection: a gap between passes spent off the CPU); tests replace both.
     """
 
-    def __init__(self, app: Any, *, limits: Callable[[], AdmissionLimits], on_reject: Callable[[str], None]) -> None:
+    def __init__(self, app: Any, *, limits: Callable[[], AdmissionLimits], on_reject: Callable[[str], None],
+                 clock: Callable[[], float] = time.perf_counter,
+                 cpu_clock: Callable[[], float] = time.thread_time) -> None:
         self.app = app
         self._limits = limits
         self._on_reject = on_reject
+        self._clock = clock
+        self._cpu_clock = cpu_clock
         self._queue_s: float | None = None
         self._interval_s = 0.0
         self._max_inflight: int | None = None
         self._configured = False
         self.inflight = 0
-        self._pass_start: float | None = None
+        self._pass_start: float | None = None  # the current pass of the loop (None between passes)
+        self._last_pass_start = 0.0
         self._pass_end = 0.0
-        self._pass_requests = 0
-        self._caught_up_at = time.perf_counter()
+        self._pass_end_cpu = 0.0
+        self._origin = 0.0  # the earliest arrival of a request read in the current pass
+        self.standing = False  # overload: the bound is admission_queue_ms
+        self._short_wait_at = 0.0  # the last wait under admission_queue_ms
+        self._long_wait_at = 0.0  # the last wait of admission_queue_ms or more
 
     def _end_pass(self) -> None:
-        """The marker: a pass with one request (nobody waited) or a short one means the loop caught up."""
-        now = time.perf_counter()
-        if self._pass_start is not None and self._queue_s is not None and (
-                self._pass_requests == 1 or now - self._pass_start < self._queue_s):
-            self._caught_up_at = now
         self._pass_start = None
-        self._pass_end = now
-
-    def overloaded(self, now: float) -> bool:
-        """The loop has not caught up for a whole interval: a standing queue, not a burst."""
-        return now - self._caught_up_at > self._interval_s
+        self._pass_end = self._clock()
+        self._pass_end_cpu = self._cpu_clock()
 
     def queue_delay_s(self, now: float) -> float:
-        """How long the current pass of the event loop has run before this request: its wait."""
+        """How long this request may have waited: since the start of the previous pass, or of this
+        pass when the loop sat idle before it."""
         if self._pass_start is None:
-            if now - self._pass_end > IDLE_GAP_S:  # the loop was idle since the last pass: no queue stood
-                self._caught_up_at = now
-            self._pass_start = now
-            self._pass_requests = 1
+            gap = now - self._pass_end
+            idle = gap - (self._cpu_clock() - self._pass_end_cpu) > IDLE_GAP_S
+            self._origin = now if idle else self._last_pass_start
+            if idle:  # nothing stood in the queue
+                self.standing = False
+                self._short_wait_at = now
+            self._pass_start = self._last_pass_start = now
             asyncio.get_running_loop().call_soon(self._end_pass)
-            return 0.0
-        self._pass_requests += 1
-        return now - self._pass_start
+        return now - self._origin
+
+    def _update_standing(self, now: float, waited: float) -> None:
+        """Standing once no wait was short for an interval; not standing once none was long for one."""
+        assert self._queue_s is not None
+        if waited < self._queue_s:
+            self._short_wait_at = now
+        else:
+            self._long_wait_at = now
+        if not self.standing and now - self._short_wait_at > self._interval_s:
+            self.standing = True
+        elif self.standing and now - self._long_wait_at > self._interval_s:
+            self.standing = False
 
     def refusal(self, now: float) -> str | None:
         """Why this request is refused now ("queue", "inflight"), or None to admit it."""
@@ -121,12 +141,15 @@ class AdmissionControl:
             self._interval_s = limits.interval_ms / 1000
             self._max_inflight = limits.max_inflight
             self._configured = True
-            self._caught_up_at = now
+            self._short_wait_at = self._long_wait_at = self._origin = self._pass_end = self._last_pass_start = now
+            self._pass_end_cpu = self._cpu_clock()
         if self._queue_s is None and self._max_inflight is None:
             return None
-        waited = self.queue_delay_s(now)
-        if self._queue_s is not None and waited > (self._queue_s if self.overloaded(now) else self._interval_s):
-            return "queue"
+        if self._queue_s is not None:
+            waited = self.queue_delay_s(now)
+            self._update_standing(now, waited)
+            if waited > (self._queue_s if self.standing else self._interval_s):
+                return "queue"
         if self._max_inflight is not None and self.inflight >= self._max_inflight:
             return "inflight"
         return None
@@ -135,7 +158,7 @@ class AdmissionControl:
         if scope["type"] != "http" or not scope["path"].endswith(ADMITTED_PATHS):
             await self.app(scope, receive, send)
             return
-        reason = self.refusal(time.perf_counter())
+        reason = self.refusal(self._clock())
         if reason is not None:
             self._on_reject(reason)
             await send_overloaded(send, reason)

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from loadtest_rank_app import wait_for_line
 from serving_artifacts import build_test_artifacts
 
 from models.paths import REPO_ROOT
-from serve.admission import AdmissionControl, AdmissionLimits
+from serve.admission import IDLE_GAP_S, AdmissionControl, AdmissionLimits
 from serve.config import ServiceConfig
 from serve.redis_server import free_port
 
@@ -60,23 +59,55 @@ async def _ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-def test_a_request_queued_behind_a_long_pass_of_the_loop_is_refused_with_retry_after() -> None:
-    """Three requests read in one pass of the loop: the first blocks the loop for 30 ms (a long
-    list scored inline), so the others have waited past the 20 ms a burst may queue."""
-    rejected: list[str] = []
+class Clocks:
+    """Wall time and the loop thread's CPU time, moved by hand: `busy` runs on the CPU (inline
+    scoring), `idle` sits off it (the loop waiting in its poll)."""
 
-    async def slow_then_ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        time.sleep(0.03)  # blocks the loop, as inline scoring does
+    def __init__(self) -> None:
+        self.wall = 100.0
+        self.cpu = 10.0
+
+    def busy(self, ms: float) -> None:
+        self.wall += ms / 1000
+        self.cpu += ms / 1000
+
+    def idle(self, ms: float) -> None:
+        self.wall += ms / 1000
+
+
+def _gate(app: Any, clocks: Clocks, queue_ms: float, interval_ms: float, rejected: list[str]) -> AdmissionControl:
+    return AdmissionControl(app, limits=lambda: AdmissionLimits(queue_ms, interval_ms), on_reject=rejected.append,
+                            clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu)
+
+
+def _scoring(clocks: Clocks, ms: float) -> Any:
+    """An app that scores inline for `ms` of CPU, blocking the loop."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        clocks.busy(ms)
         await _ok(scope, receive, send)
+    return app
 
-    gate = AdmissionControl(slow_then_ok, limits=lambda: AdmissionLimits(10.0, 20.0), on_reject=rejected.append)
 
-    async def one_pass() -> list[Recorded]:
-        answers = [Recorded() for _ in range(3)]
+async def _one_pass(gate: AdmissionControl, n: int) -> list[int]:
+    """n requests read in one pass of the loop (their handlers run one after another), then the pass ends."""
+    answers = [Recorded() for _ in range(n)]
+    await asyncio.gather(*(gate(_scope(), _receive, a.send) for a in answers))
+    await asyncio.sleep(0)  # the marker runs: the pass is over
+    return [a.status for a in answers]
+
+
+def test_a_request_queued_behind_a_long_pass_of_the_loop_is_refused_with_retry_after() -> None:
+    """Three requests read in one pass: the first blocks the loop for 30 ms (a long list scored
+    inline), so the others have waited past the 20 ms a burst may queue."""
+    clocks, rejected = Clocks(), []
+    gate = _gate(_scoring(clocks, 30), clocks, 10.0, 20.0, rejected)
+    answers = [Recorded() for _ in range(3)]
+
+    async def one_pass() -> None:
         await asyncio.gather(*(gate(_scope(), _receive, a.send) for a in answers))
-        return answers
 
-    first, second, third = asyncio.run(one_pass())
+    asyncio.run(one_pass())
+    first, second, third = answers
     assert first.status == 200
     assert (second.status, third.status) == (503, 503)
     assert second.headers[b"retry-after"] == b"1"
@@ -84,79 +115,73 @@ def test_a_request_queued_behind_a_long_pass_of_the_loop_is_refused_with_retry_a
     assert rejected == ["queue", "queue"]
 
 
-def test_a_standing_queue_lowers_the_bound_until_the_loop_catches_up() -> None:
-    """Passes of two requests, the first blocking 8 ms: the second waits 8 ms, within the 20 ms a
-    burst may queue. Once no pass has been shorter than 5 ms for 20 ms, the queue is standing and
-    the bound drops to 5 ms: the second request is refused. A short pass restores the burst bound."""
-    rejected: list[str] = []
+def test_a_request_read_after_a_long_busy_pass_waited_in_the_kernel_and_is_refused() -> None:
+    """The loop never idled: a request read by the next pass may have arrived when the previous pass
+    began, so it has waited that pass's 30 ms (in the socket buffer) though it is first in its own."""
+    clocks, rejected = Clocks(), []
+    gate = _gate(_scoring(clocks, 30), clocks, 10.0, 20.0, rejected)
 
-    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        time.sleep(0.008)
-        await _ok(scope, receive, send)
+    async def run() -> list[list[int]]:
+        return [await _one_pass(gate, 1), await _one_pass(gate, 1)]
 
-    gate = AdmissionControl(slow, limits=lambda: AdmissionLimits(5.0, 20.0), on_reject=rejected.append)
+    assert asyncio.run(run()) == [[200], [503]]
+    assert rejected == ["queue"]
 
-    async def passes(n: int) -> list[list[int]]:
+
+def test_an_idle_loop_starts_every_wait_afresh() -> None:
+    """Between passes the loop sat off the CPU (idle in its poll) for longer than IDLE_GAP_S: nothing
+    was queued, however long the previous pass was."""
+    clocks, rejected = Clocks(), []
+    gate = _gate(_scoring(clocks, 30), clocks, 10.0, 20.0, rejected)
+
+    async def run() -> list[list[int]]:
         statuses = []
-        for _ in range(n):
-            answers = [Recorded() for _ in range(2)]
-            await asyncio.gather(*(gate(_scope(), _receive, a.send) for a in answers))
-            await asyncio.sleep(0)
-            statuses.append([a.status for a in answers])
+        for _ in range(3):
+            statuses.append(await _one_pass(gate, 1))
+            clocks.idle(1000 * IDLE_GAP_S + 1)
         return statuses
 
-    async def run() -> tuple[list[list[int]], list[list[int]]]:
-        loaded = await passes(5)  # 5 passes of >= 8 ms: the queue stands after 20 ms
-        quiet = Recorded()
-        gate.app = _ok
-        await gate(_scope(), _receive, quiet.send)  # a short pass: caught up
-        await asyncio.sleep(0)
-        gate.app = slow
-        return loaded, await passes(1)
+    assert asyncio.run(run()) == [[200]] * 3 and rejected == []
 
-    loaded, after = asyncio.run(run())
-    assert loaded[0] == [200, 200]  # a burst: admitted
-    assert loaded[-1] == [200, 503]  # a standing queue: the bound is 5 ms
-    assert after == [[200, 200]]
+
+def test_a_standing_queue_lowers_the_bound_and_keeps_it_low_until_the_queue_is_gone() -> None:
+    """Passes of one request scoring 8 ms, the loop never idle: every request waited 8 ms (the previous
+    pass), within the 20 ms a burst may queue but past 5 ms. Once no wait has been under 5 ms for the
+    20 ms interval the queue is standing and the bound drops to 5 ms: requests are refused, and the
+    refusals' short passes bring short waits back. The bound stays low through them (a first short
+    wait does not end an overload); it rises when no wait has reached 5 ms for an interval, or when
+    the loop goes idle."""
+    clocks, rejected = Clocks(), []
+    gate = _gate(_scoring(clocks, 8), clocks, 5.0, 20.0, rejected)
+
+    async def run() -> tuple[list[int], list[int], bool, bool]:
+        loaded = [(await _one_pass(gate, 1))[0] for _ in range(12)]
+        standing_under_load = gate.standing
+        gate.app = _scoring(clocks, 1)  # short lists now: waits of 1 ms, under the 5 ms bound
+        calm = [(await _one_pass(gate, 1))[0] for _ in range(30)]
+        return loaded, calm, standing_under_load, gate.standing
+
+    loaded, calm, standing_under_load, standing_after = asyncio.run(run())
+    assert loaded[:3] == [200, 200, 200]  # a burst: admitted
+    assert 503 in loaded and standing_under_load  # a standing queue: the bound is 5 ms
+    assert calm[-5:] == [200] * 5 and not standing_after  # 20 ms of short waits: no longer standing
     assert set(rejected) == {"queue"}
 
 
-def test_an_idle_loop_is_not_a_standing_queue() -> None:
-    """At a low rate the loop sits idle between passes for longer than the interval: a pass of two
-    requests after that is a burst (bound 20 ms), not a standing queue (5 ms)."""
-    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        time.sleep(0.008)
-        await _ok(scope, receive, send)
+def test_the_loop_going_idle_ends_an_overload_at_once() -> None:
+    clocks, rejected = Clocks(), []
+    gate = _gate(_scoring(clocks, 8), clocks, 5.0, 20.0, rejected)
 
-    gate = AdmissionControl(slow, limits=lambda: AdmissionLimits(5.0, 20.0), on_reject=lambda reason: None)
+    async def run() -> tuple[bool, list[int]]:
+        for _ in range(6):
+            await _one_pass(gate, 1)
+        standing = gate.standing
+        clocks.idle(1000 * IDLE_GAP_S + 1)
+        return standing, await _one_pass(gate, 2)
 
-    async def sparse_passes() -> list[list[int]]:
-        statuses = []
-        for _ in range(3):
-            answers = [Recorded() for _ in range(2)]
-            await asyncio.gather(*(gate(_scope(), _receive, a.send) for a in answers))
-            statuses.append([a.status for a in answers])
-            await asyncio.sleep(0.03)  # idle, longer than the interval
-        return statuses
-
-    assert asyncio.run(sparse_passes()) == [[200, 200]] * 3
-
-
-def test_a_new_pass_of_the_loop_starts_a_new_queue() -> None:
-    """Requests in separate passes never wait for each other: none is refused however slow each is."""
-    gate = AdmissionControl(_ok, limits=lambda: AdmissionLimits(10.0, 15.0), on_reject=lambda reason: None)
-
-    async def separate_passes() -> list[int]:
-        statuses = []
-        for _ in range(3):
-            answer = Recorded()
-            await gate(_scope(), _receive, answer.send)
-            statuses.append(answer.status)
-            time.sleep(0.02)  # longer than both bounds, but between passes
-            await asyncio.sleep(0)  # the pass ends: the marker runs
-        return statuses
-
-    assert asyncio.run(separate_passes()) == [200, 200, 200]
+    standing, after_idle = asyncio.run(run())
+    assert standing and not gate.standing
+    assert after_idle == [200, 200]  # the second waited 8 ms: a burst again, not a standing queue
 
 
 def test_the_in_flight_bound_refuses_the_request_past_it_and_admits_once_one_finishes() -> None:
