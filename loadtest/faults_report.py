@@ -146,6 +146,12 @@ def explain(scenario: Scenario, result: dict[str, Any]) -> list[str]:
         rejected_by = {k: v for k, v in result.get("service_counters", {}).items() if "rejected" in k}
         notes.append(f"{total['rejected']} answers were 503 (admission control) below the capacity"
                      + (f"; the service's refusals since its start, by reason: {rejected_by}" if rejected_by else ""))
+    during, capacity = result["phases"]["during"], (result.get("capacity") or {}).get("ok_rps")
+    if scenario.fault.kind == "overload" and capacity and during["end_s"] > during["start_s"]:
+        span = during["end_s"] - during["start_s"]
+        notes.append(f"goodput during the overload: {during['ok'] / span:,.1f} ok answers/s, "
+                     f"{during['ok'] / span / capacity:.0%} of the capacity, beside {during['rejected'] / span:,.1f} "
+                     "refusals/s: every refusal still costs the service's core its request (read, parsed, answered)")
     fraction = scenario.acceptance.max_failed_fraction
     if fraction and total["requests"] and 1 / total["requests"] > fraction:
         notes.append(f"{total['requests']:,} requests: a single failure is {1 / total['requests']:.2%}, above the "
@@ -254,7 +260,7 @@ def _load_line(result: dict[str, Any]) -> str:
     ok_rps = (cap or {}).get("ok_rps") or (cap or {}).get("rps")
     if ok_rps:
         line += (f" ({result.get('rate_per_s', 0) / ok_rps:.0%} of the capacity: {ok_rps:,.1f} ok answers/s at "
-                 f"{cap['users']} closed-loop users, p99 {cap['p99_ms']:,.1f} ms)")
+                 f"{cap['users']} closed-loop users of {cap.get('generator', 'locust')}, p99 {cap['p99_ms']:,.1f} ms)")
     if result.get("overload_rate_per_s"):
         line += f"; {result['overload_rate_per_s']:,.1f}/s during the overload"
     return line + (f". Generator: {gen.get('sent', 0):,} sent of {gen.get('scheduled', 0):,} scheduled, "

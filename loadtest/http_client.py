@@ -151,10 +151,16 @@ wake-up time, using no CPU) is counted in `late_wakeups`: the machine's lag, not
     # -- connections ----------------------------------------------------------------------------------
     async def open(self, n: int) -> None:
         """Open `n` connections before the run (so the first arrivals do not wait for a connect)."""
-        await asyncio.gather(*(self._open_one() for _ in range(min(n, self.max_connections))))
+        await asyncio.gather(*(self._start_opening() for _ in range(min(n, self.max_connections))))
+
+    def _start_opening(self) -> asyncio.Task:
+        """Count the connection as opening now, not when its task first runs: arrivals submitted in
+        one pass of the loop would otherwise each see room for one more and open past
+        `max_connections` (a burst of 500 opened 500 where the bound was 8)."""
+        self.opening += 1
+        return self._loop.create_task(self._open_one())
 
     async def _open_one(self) -> None:
-        self.opening += 1
         try:
             _transport, conn = await self._loop.create_connection(lambda: Connection(self), self.host, self.port)
         except OSError:
@@ -177,7 +183,7 @@ wake-up time, using no CPU) is counted in `late_wakeups`: the machine's lag, not
         if conn in self.idle:
             self.idle.remove(conn)
         if self.queue and len(self.live) + self.opening < self.max_connections:
-            self._loop.create_task(self._open_one())
+            self._start_opening()
 
     def release(self, conn: Connection) -> None:
         """A connection is free: it takes the oldest waiting request, else it goes idle."""
@@ -196,7 +202,7 @@ wake-up time, using no CPU) is counted in `late_wakeups`: the machine's lag, not
         self.waited += 1
         self.queue.append((parts, scheduled, n_docs, tag))
         if len(self.live) + self.opening < self.max_connections:
-            self._loop.create_task(self._open_one())
+            self._start_opening()
 
     def sent(self, now: float, scheduled: float, waited: bool) -> None:
         """Count a send; its lag is the generator's own only when it did not wait for a connection."""

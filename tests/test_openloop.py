@@ -175,6 +175,24 @@ def test_late_wakeups_are_told_apart_from_the_generators_own_lateness(payload_fi
         assert busy["late_sends"] > max(0.01 * busy["sent"], busy["late_wakeups"]) and busy["generator_bound"]
 
 
+def test_a_burst_of_arrivals_never_opens_more_connections_than_the_bound(payload_file: Path) -> None:
+    """Every arrival of a count-based trial at a huge rate comes in one pass of the generator's loop:
+    with 4 connections allowed (2 opened before the run) it is a closed loop of 4 (each answer frees
+    one for the next), not one connection per arrival (what counting a connection as opening only
+    once its task ran gave)."""
+    from loadtest.openloop import run_trial
+    from loadtest.selftest import trivial_responder
+
+    payloads = PayloadSet.load(payload_file)
+    with trivial_responder(None) as url:
+        out = run_trial(OpenLoopConfig(host=url, rate_per_s=1e6, count=300, seed=5, max_connections=4,
+                                       expected_latency_ms=0.0), payloads)
+    # The canned answer holds no results for these lists ("wrong number of results"): an answer, not a
+    # transport error; no request was dropped or timed out.
+    assert out["requests"] == 300 and set(out["errors"]) == {"wrong number of results"}
+    assert out["connections_opened"] <= 4 and out["waited_for_slot"] >= 290
+
+
 def test_cache_hits_when_queries_repeat(rank_url: str, payload_file: Path, tmp_path: Path) -> None:
     r = run_open_loop(rank_url, payload_file, 100.0, 1.0, seed=1, unique_queries=False, out_dir=tmp_path)
     assert r.failures == 0 and r.requests > 16
