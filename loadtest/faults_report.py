@@ -260,7 +260,8 @@ def _load_line(result: dict[str, Any]) -> str:
     ok_rps = (cap or {}).get("ok_rps") or (cap or {}).get("rps")
     if ok_rps:
         line += (f" ({result.get('rate_per_s', 0) / ok_rps:.0%} of the capacity: {ok_rps:,.1f} ok answers/s at "
-                 f"{cap['users']} closed-loop users of {cap.get('generator', 'locust')}, p99 {cap['p99_ms']:,.1f} ms)")
+                 f"{cap['users']} closed-loop users of {cap.get('generator', 'locust')}, p99 {cap['p99_ms']:,.1f} ms"
+                 f"{', admission control off' if cap.get('admission') is False else ''})")
     if result.get("overload_rate_per_s"):
         line += f"; {result['overload_rate_per_s']:,.1f}/s during the overload"
     return line + (f". Generator: {gen.get('sent', 0):,} sent of {gen.get('scheduled', 0):,} scheduled, "

@@ -313,6 +313,8 @@ def run_scenario(scenario: Scenario, ctx: RunContext) -> dict[str, Any]:
     service: RunningService | None = None
     try:
         store = _feature_store(scenario, redis.url, result)
+        if scenario.needs_capacity and scenario.capacity.without_admission:
+            result["capacity"] = _capacity_without_admission(scenario, ctx, redis.url, payloads)
         service = service_for(spec).start(logs / "service.log", cores=ctx.cores, redis_url=redis.url,
                                           timeout_s=ctx.start_timeout_s)
         result["startup_s"] = round(service.start_s, 2)
@@ -325,6 +327,21 @@ def run_scenario(scenario: Scenario, ctx: RunContext) -> dict[str, Any]:
     checks = judge(result, scenario.acceptance)
     result["checks"], result["verdict"] = check_dicts(checks), verdict(checks)
     return result
+
+
+def _capacity_without_admission(scenario: Scenario, ctx: RunContext, redis_url: str, payloads: Path) -> dict[str, Any]:
+    """The capacity on a separate start of the service with admission control off (CapacitySpec)."""
+    from loadtest.run_resources import warm_up
+
+    spec = scenario.service.model_copy(update={"admission": False})
+    service = service_for(spec).start(ctx.work_dir / scenario.name / "capacity-service.log", cores=ctx.cores,
+                                      redis_url=redis_url, timeout_s=ctx.start_timeout_s)
+    try:
+        warm_up(service.url, payloads, scenario.warmup_s)
+        return {**measure_capacity(ctx, scenario, service.url, payloads), "admission": False}
+    finally:
+        service.stop(ctx.stop_timeout_s)
+        wait_port_free(spec.port, 20)
 
 
 def _feature_store(scenario: Scenario, redis_url: str, result: dict[str, Any]) -> Any:
@@ -353,7 +370,7 @@ def _run_load(scenario: Scenario, ctx: RunContext, service: RunningService, redi
     warm_up(url, payloads, scenario.warmup_s)
     rate = load.rate_per_s
     if scenario.needs_capacity:
-        capacity = measure_capacity(ctx, scenario, url, payloads)
+        capacity = result.get("capacity") or measure_capacity(ctx, scenario, url, payloads)
         result["capacity"] = capacity
         result["capacity_rps"] = capacity["ok_rps"]
         rate = load.capacity_fraction * capacity["ok_rps"]
