@@ -149,9 +149,10 @@ def explain(scenario: Scenario, result: dict[str, Any]) -> list[str]:
     during, capacity = result["phases"]["during"], (result.get("capacity") or {}).get("ok_rps")
     if scenario.fault.kind == "overload" and capacity and during["end_s"] > during["start_s"]:
         span = during["end_s"] - during["start_s"]
-        notes.append(f"goodput during the overload: {during['ok'] / span:,.1f} ok answers/s, "
+        notes.append(f"during the overload: {during['ok'] / span:,.1f} ok answers/s (at any latency), "
                      f"{during['ok'] / span / capacity:.0%} of the capacity, beside {during['rejected'] / span:,.1f} "
-                     "refusals/s: every refusal still costs the service's core its request (read, parsed, answered)")
+                     "refusals/s" + (": every refusal still costs the service's core its request (read, parsed, "
+                                     "answered)" if during["rejected"] else ""))
     fraction = scenario.acceptance.max_failed_fraction
     if fraction and total["requests"] and 1 / total["requests"] > fraction:
         notes.append(f"{total['requests']:,} requests: a single failure is {1 / total['requests']:.2%}, above the "
