@@ -168,7 +168,7 @@ class UvicornServer(Service):
 
     script = "uvicorn_server.py"
     options = (*_BASELINE_OPTIONS, "cache", "cache_ttl_s", "inline_max_docs", "admission", "admission_queue_ms",
-               "admission_interval_ms", "max_inflight")
+               "admission_standing_ms", "admission_interval_ms", "max_inflight")
     always = ("port", "variant", "threads")
     defaults = {"batching": False, "cache": False, "port": 8002}
     extra_args = ("--parse", "fast")
@@ -181,7 +181,8 @@ class RayServe(Service):
     options = ("variant", "model", "manifest_path", "topology", "max_batch_docs", "batch_wait_ms",
                "inference_workers", "inline_max_docs", "max_ongoing_requests", "batching", "cache", "cache_ttl_s", "feature_dataset",
                "replicas", "max_replicas_per_node", "autoscaling_max_replicas", "ingress_replicas", "threads", "ingress",
-               "port", "num_cpus", "admission", "admission_queue_ms", "admission_interval_ms", "max_inflight", "max_queued_requests",
+               "port", "num_cpus", "admission", "admission_queue_ms", "admission_standing_ms", "admission_interval_ms", "max_inflight",
+               "max_queued_requests",
                "deadline_ms", "max_docs", "max_body_bytes")
     always = ("variant", "topology", "port", "batching", "cache", "replicas", "threads", "ingress")
 

@@ -17,13 +17,18 @@ routed, so a refusal costs a few tens of microseconds:
   idle in between (off the CPU for `IDLE_GAP_S`: nothing was waiting). Counting only the time inside
   the pass, as this module first did, missed the kernel's queue: passes grew to tens of milliseconds
   while each looked short (results/reliability/, the overload row at e843682).
-  The bound adapts, as in Facebook's CoDel-style admission ("Fail at scale", ACM Queue 2015): a burst
-  may queue up to `admission_interval_ms`; once no request has waited less than `admission_queue_ms`
-  for a whole interval the queue is standing (overload) and the bound drops to `admission_queue_ms`.
-  Refusals then keep each pass short, so short waits come back while the overload lasts: the bound
-  is raised again only when the loop goes idle or no request has waited `admission_queue_ms` for a
-  whole interval (a queue that no longer stands), not at the first short wait, which made the bound
-  swing between the two values every interval and let the queue grow to the burst bound each time.
+  The bound adapts, after Facebook's CoDel-style admission ("Fail at scale", ACM Queue 2015): a burst
+  may queue up to `admission_interval_ms`; once the queue stands (overload) the bound drops to
+  `admission_queue_ms`. Refusals then keep each pass short, so short waits come back while the
+  overload lasts: the bound is raised again only when the loop goes idle or no request has waited
+  `admission_queue_ms` for a whole interval, not at the first short wait (which made the bound swing
+  between the two values every interval and let the queue grow to the burst bound each time).
+  Standing, here, is a queue that grows: a request waited `admission_standing_ms` (50 ms), after
+  MIN_STANDING_REQUESTS in a row waited `admission_queue_ms`. Facebook's rule (no short wait for an
+  interval) also calls a steady closed loop standing: 8 clients sending back to back keep a queue of
+  7 ms, well inside the SLO, and were refused into a storm of instant retries (311 ok answers/s where
+  the server serves 1,100; plain uvicorn, 2026-11-30). An overload's queue grows without bound and
+  passes 50 ms within milliseconds at 3x the capacity.
 - **in flight** (`max_inflight`): requests admitted and not yet answered. Long lists wait for the
   inference threads (or split's ranker deployment) off the loop, where the loop sees no delay; the
   count bounds that queue.
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +56,12 @@ RETRY_AFTER_S = 1
 # A loop that spent this long off the CPU between two passes sat idle in its poll: the queue was empty.
 # Under a standing queue the next pass starts soon after the last one's end (reading sockets between).
 IDLE_GAP_S = 0.005
+# A queue stands only once this many requests in a row waited admission_queue_ms or more (as well as
+# for a whole interval): at a low rate (a Ray replica at 100 requests/s sees 10 in an interval) a
+# hiccup of the loop, or a neighbour starting on the same core, made a few requests wait and was
+# taken for an overload: 15-205 refusals at half the capacity while a replica was replaced
+# (results/reliability/, replica_kill_haproxy).
+MIN_STANDING_REQUESTS = 20
 ADMITTED_PATHS = ("/rank",)  # what admission guards; health, metrics and admin always answer
 
 Scope = dict[str, Any]
@@ -62,8 +74,9 @@ class AdmissionLimits:
     """The bounds (ServiceConfig's admission fields); None turns a bound off."""
 
     queue_ms: float | None = None  # the queue-delay bound under a standing queue
-    interval_ms: float = 100.0  # a burst's bound, and how long a queue must stand (or be gone) to switch
+    interval_ms: float = 100.0  # a burst's bound, and how long a standing queue must be gone to end
     max_inflight: int | None = None
+    standing_ms: float = 50.0  # a wait this long (after MIN_STANDING_REQUESTS long ones in a row): standing
 
 
 class Overloaded(Exception):
@@ -77,12 +90,14 @@ class AdmissionControl:
     `limits()` returns the `AdmissionLimits`; it is read at the first request, because a Ray
     replica's settings exist only once the replica is up. `on_reject(reason)` counts a refusal in
     the service's metrics. `clock` is wall time and `cpu_clock` the loop thread's CPU time (idle
-    detection: a gap between passes spent off the CPU); tests replace both.
+    detection: a gap between passes spent off the CPU); tests replace both. `publish(gate)` hands
+    this instance to whoever decides before the ASGI app (plain uvicorn's protocol).
     """
 
     def __init__(self, app: Any, *, limits: Callable[[], AdmissionLimits], on_reject: Callable[[str], None],
                  clock: Callable[[], float] = time.perf_counter,
-                 cpu_clock: Callable[[], float] = time.thread_time) -> None:
+                 cpu_clock: Callable[[], float] = time.thread_time,
+                 publish: Callable[[AdmissionControl], None] | None = None) -> None:
         self.app = app
         self._limits = limits
         self._on_reject = on_reject
@@ -90,6 +105,7 @@ class AdmissionControl:
         self._cpu_clock = cpu_clock
         self._queue_s: float | None = None
         self._interval_s = 0.0
+        self._standing_s = 0.0
         self._max_inflight: int | None = None
         self._configured = False
         self.inflight = 0
@@ -99,8 +115,10 @@ class AdmissionControl:
         self._pass_end_cpu = 0.0
         self._origin = 0.0  # the earliest arrival of a request read in the current pass
         self.standing = False  # overload: the bound is admission_queue_ms
-        self._short_wait_at = 0.0  # the last wait under admission_queue_ms
         self._long_wait_at = 0.0  # the last wait of admission_queue_ms or more
+        self._long_waits = 0  # long waits in a row
+        if publish is not None:  # where the HTTP protocol finds this gate (serve/early_refusal.py)
+            publish(self)
 
     def _end_pass(self) -> None:
         self._pass_start = None
@@ -116,19 +134,21 @@ class AdmissionControl:
             self._origin = now if idle else self._last_pass_start
             if idle:  # nothing stood in the queue
                 self.standing = False
-                self._short_wait_at = now
+                self._long_waits = 0
             self._pass_start = self._last_pass_start = now
             asyncio.get_running_loop().call_soon(self._end_pass)
         return now - self._origin
 
     def _update_standing(self, now: float, waited: float) -> None:
-        """Standing once no wait was short for an interval; not standing once none was long for one."""
+        """Standing once a wait passed `standing_ms` after MIN_STANDING_REQUESTS long ones in a row;
+        not standing once none was long for an interval."""
         assert self._queue_s is not None
         if waited < self._queue_s:
-            self._short_wait_at = now
+            self._long_waits = 0
         else:
             self._long_wait_at = now
-        if not self.standing and now - self._short_wait_at > self._interval_s:
+            self._long_waits += 1
+        if not self.standing and waited > self._standing_s and self._long_waits >= MIN_STANDING_REQUESTS:
             self.standing = True
         elif self.standing and now - self._long_wait_at > self._interval_s:
             self.standing = False
@@ -140,8 +160,9 @@ class AdmissionControl:
             self._queue_s = None if limits.queue_ms is None else limits.queue_ms / 1000
             self._interval_s = limits.interval_ms / 1000
             self._max_inflight = limits.max_inflight
+            self._standing_s = limits.standing_ms / 1000
             self._configured = True
-            self._short_wait_at = self._long_wait_at = self._origin = self._pass_end = self._last_pass_start = now
+            self._long_wait_at = self._origin = self._pass_end = self._last_pass_start = now
             self._pass_end_cpu = self._cpu_clock()
         if self._queue_s is None and self._max_inflight is None:
             return None
@@ -153,6 +174,17 @@ class AdmissionControl:
         if self._max_inflight is not None and self.inflight >= self._max_inflight:
             return "inflight"
         return None
+
+    def refuse_before_asgi(self) -> bytes | None:
+        """The same decision taken by the HTTP protocol as soon as a request's headers are read
+        (serve/early_refusal.py): the whole 503 response as bytes to write, or None. A request it
+        lets through is decided again by the middleware when its task runs, after the requests read
+        before it in the same pass of the loop: only then is its wait known."""
+        reason = self.refusal(self._clock())
+        if reason is None:
+            return None
+        self._on_reject(reason)
+        return overloaded_response(reason)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].endswith(ADMITTED_PATHS):
@@ -178,10 +210,22 @@ RULES = {
 }
 
 
+def _overloaded_body(reason: str) -> bytes:
+    return orjson.dumps({"detail": f"overloaded: {RULES[reason]}", "field": "load", "rule": RULES[reason]})
+
+
+@functools.cache
+def overloaded_response(reason: str) -> bytes:
+    """The 503 of `send_overloaded` as a whole HTTP/1.1 response (written by the protocol itself)."""
+    body = _overloaded_body(reason)
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nretry-after: " + str(RETRY_AFTER_S).encode() + b"\r\n\r\n" + body)
+
+
 async def send_overloaded(send: Send, reason: str) -> None:
     """503 with Retry-After and the project's error shape (field and rule). The request body is not
     read: the connection stays usable, since the server discards an unread body."""
-    body = orjson.dumps({"detail": f"overloaded: {RULES[reason]}", "field": "load", "rule": RULES[reason]})
+    body = _overloaded_body(reason)
     await send({"type": "http.response.start", "status": 503,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"retry-after", str(RETRY_AFTER_S).encode())]})
@@ -197,9 +241,11 @@ def add_admission_options(p: argparse.ArgumentParser, *, ray: bool = False) -> N
                    help="admission control on /rank: a fast 503 with Retry-After past the bounds below")
     p.add_argument("--admission-queue-ms", type=float, default=defaults.admission_queue_ms,
                    help="under a standing queue, refuse a request that already waited this long on the event loop")
+    p.add_argument("--admission-standing-ms", type=float, default=defaults.admission_standing_ms,
+                   help="a queue in which a request waited this long is standing (overload)")
     p.add_argument("--admission-interval-ms", type=float, default=defaults.admission_interval_ms,
-                   help="a queue that has not drained for this long is standing (overload); a burst may queue "
-                        "this long")
+                   help="until the queue stands a burst may queue this long; a standing queue ends once no request "
+                        "has waited --admission-queue-ms for this long")
     p.add_argument("--max-inflight", type=int, default=None,
                    help="requests in flight per process / replica (default: 64 per inference thread)")
     if ray:

@@ -99,10 +99,14 @@ class ServiceConfig(BaseModel):
         2.0, gt=0,
         description="under a standing queue, refuse a request that already waited this long on the server's "
                     "event loop (None: no queue bound)")
+    admission_standing_ms: float = Field(
+        50.0, gt=0,
+        description="a queue in which a request waited this long (after 20 in a row waited admission_queue_ms) "
+                    "is standing: overload, and the bound drops to admission_queue_ms")
     admission_interval_ms: float = Field(
         100.0, gt=0,
-        description="a queue that has not drained for this long is standing (overload); until then a burst "
-                    "may queue this long (Facebook's CoDel interval)")
+        description="until the queue stands a burst may queue this long; a standing queue ends once no request "
+                    "has waited admission_queue_ms for this long (Facebook's CoDel interval)")
     max_inflight: int | None = Field(
         None, ge=1,
         description="requests in flight per process (uvicorn) or replica (Ray); None: derived (see inflight_bound)")

@@ -233,10 +233,12 @@ def build_http_app(
         config = current().config
         if not config.admission:
             return AdmissionLimits()
-        return AdmissionLimits(config.admission_queue_ms, config.admission_interval_ms, config.inflight_bound)
+        return AdmissionLimits(config.admission_queue_ms, config.admission_interval_ms, config.inflight_bound,
+                               config.admission_standing_ms)
 
     app.add_middleware(AdmissionControl, limits=admission_limits,
-                       on_reject=lambda reason: current().metrics.observe_rejected(reason))
+                       on_reject=lambda reason: current().metrics.observe_rejected(reason),
+                       publish=lambda gate: setattr(app.state, "admission", gate))
 
     if resolved:
         app.state.service = resolved[0]

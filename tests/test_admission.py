@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from loadtest_rank_app import wait_for_line
 from serving_artifacts import build_test_artifacts
 
 from models.paths import REPO_ROOT
-from serve.admission import IDLE_GAP_S, AdmissionControl, AdmissionLimits
+from serve.admission import IDLE_GAP_S, MIN_STANDING_REQUESTS, AdmissionControl, AdmissionLimits
 from serve.config import ServiceConfig
 from serve.redis_server import free_port
 
@@ -75,9 +77,10 @@ class Clocks:
         self.wall += ms / 1000
 
 
-def _gate(app: Any, clocks: Clocks, queue_ms: float, interval_ms: float, rejected: list[str]) -> AdmissionControl:
-    return AdmissionControl(app, limits=lambda: AdmissionLimits(queue_ms, interval_ms), on_reject=rejected.append,
-                            clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu)
+def _gate(app: Any, clocks: Clocks, queue_ms: float, interval_ms: float, rejected: list[str],
+          standing_ms: float = 50.0) -> AdmissionControl:
+    return AdmissionControl(app, limits=lambda: AdmissionLimits(queue_ms, interval_ms, standing_ms=standing_ms),
+                            on_reject=rejected.append, clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu)
 
 
 def _scoring(clocks: Clocks, ms: float) -> Any:
@@ -144,37 +147,64 @@ def test_an_idle_loop_starts_every_wait_afresh() -> None:
     assert asyncio.run(run()) == [[200]] * 3 and rejected == []
 
 
-def test_a_standing_queue_lowers_the_bound_and_keeps_it_low_until_the_queue_is_gone() -> None:
-    """Passes of one request scoring 8 ms, the loop never idle: every request waited 8 ms (the previous
-    pass), within the 20 ms a burst may queue but past 5 ms. Once no wait has been under 5 ms for the
-    20 ms interval the queue is standing and the bound drops to 5 ms: requests are refused, and the
-    refusals' short passes bring short waits back. The bound stays low through them (a first short
-    wait does not end an overload); it rises when no wait has reached 5 ms for an interval, or when
-    the loop goes idle."""
+def test_a_steady_queue_inside_the_standing_bound_is_never_refused() -> None:
+    """A closed loop of a few clients keeps a queue that never drains but never grows: every request
+    waits the previous pass's 8 ms, past the 5 ms target but under the 15 ms standing bound. It is
+    not an overload, and refusing it would only make the clients send again at once."""
     clocks, rejected = Clocks(), []
-    gate = _gate(_scoring(clocks, 8), clocks, 5.0, 20.0, rejected)
+    gate = _gate(_scoring(clocks, 8), clocks, 5.0, 20.0, rejected, standing_ms=15.0)
+
+    async def run() -> list[int]:
+        return [(await _one_pass(gate, 1))[0] for _ in range(3 * MIN_STANDING_REQUESTS)]
+
+    assert asyncio.run(run()) == [200] * (3 * MIN_STANDING_REQUESTS)
+    assert not gate.standing and rejected == []
+
+
+def test_a_growing_queue_stands_lowers_the_bound_and_keeps_it_low_until_it_is_gone() -> None:
+    """Passes of two requests scoring 8 ms each, the loop never idle: each waits 16-24 ms, past the
+    15 ms standing bound, so after MIN_STANDING_REQUESTS long waits in a row the queue stands and the
+    bound drops to 5 ms: requests are refused, and the refusals' short passes bring short waits back.
+    The bound stays low through them (a first short wait does not end an overload); it rises once
+    no wait has reached 5 ms for the 50 ms interval."""
+    clocks, rejected = Clocks(), []
+    gate = _gate(_scoring(clocks, 8), clocks, 5.0, 50.0, rejected, standing_ms=15.0)
 
     async def run() -> tuple[list[int], list[int], bool, bool]:
-        loaded = [(await _one_pass(gate, 1))[0] for _ in range(12)]
+        loaded = [status for _ in range(MIN_STANDING_REQUESTS) for status in await _one_pass(gate, 2)]
         standing_under_load = gate.standing
         gate.app = _scoring(clocks, 1)  # short lists now: waits of 1 ms, under the 5 ms bound
-        calm = [(await _one_pass(gate, 1))[0] for _ in range(30)]
+        calm = [(await _one_pass(gate, 1))[0] for _ in range(80)]
         return loaded, calm, standing_under_load, gate.standing
 
     loaded, calm, standing_under_load, standing_after = asyncio.run(run())
-    assert loaded[:3] == [200, 200, 200]  # a burst: admitted
-    assert 503 in loaded and standing_under_load  # a standing queue: the bound is 5 ms
-    assert calm[-5:] == [200] * 5 and not standing_after  # 20 ms of short waits: no longer standing
+    assert loaded[:4] == [200] * 4  # a burst: admitted
+    assert 503 in loaded and standing_under_load  # a growing queue: the bound is 5 ms
+    assert calm[-5:] == [200] * 5 and not standing_after  # 50 ms of short waits: no longer standing
     assert set(rejected) == {"queue"}
+
+
+def test_a_hiccup_at_a_low_rate_is_not_a_standing_queue() -> None:
+    """A few requests that each waited long (the loop held up by something else) are a hiccup, not
+    an overload: fewer than MIN_STANDING_REQUESTS in a row, so the bound stays the burst's and none
+    of them is refused."""
+    clocks, rejected = Clocks(), []
+    gate = _gate(_scoring(clocks, 30), clocks, 5.0, 100.0, rejected, standing_ms=15.0)
+
+    async def run() -> list[int]:
+        return [(await _one_pass(gate, 1))[0] for _ in range(MIN_STANDING_REQUESTS - 2)]
+
+    assert asyncio.run(run()) == [200] * (MIN_STANDING_REQUESTS - 2)
+    assert not gate.standing and rejected == []
 
 
 def test_the_loop_going_idle_ends_an_overload_at_once() -> None:
     clocks, rejected = Clocks(), []
-    gate = _gate(_scoring(clocks, 8), clocks, 5.0, 20.0, rejected)
+    gate = _gate(_scoring(clocks, 8), clocks, 5.0, 50.0, rejected, standing_ms=15.0)
 
     async def run() -> tuple[bool, list[int]]:
-        for _ in range(6):
-            await _one_pass(gate, 1)
+        for _ in range(MIN_STANDING_REQUESTS):
+            await _one_pass(gate, 2)
         standing = gate.standing
         clocks.idle(1000 * IDLE_GAP_S + 1)
         return standing, await _one_pass(gate, 2)
@@ -286,6 +316,96 @@ def test_real_server_sheds_a_burst_past_max_inflight_with_fast_503s(manifest: Pa
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length from a blocking socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_plain_uvicorn_refuses_in_its_protocol_and_keeps_the_connection() -> None:
+    """serve/early_refusal.py on a real uvicorn server and real sockets: with the in-flight slot held,
+    a POST /rank is refused by the HTTP protocol before its body is read (the middleware never sees
+    it); the body that follows is dropped, and the same keep-alive connection serves the next request."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from serve.early_refusal import refusing_protocol
+
+    app = FastAPI()
+    release = threading.Event()
+    seen: list[str] = []
+
+    @app.post("/rank")
+    async def rank() -> dict[str, str]:
+        seen.append("rank")
+        while not release.is_set():  # bounded by the test's own timeouts below
+            await asyncio.sleep(0.005)
+        return {"ok": "yes"}
+
+    rejected: list[str] = []
+    app.add_middleware(AdmissionControl, limits=lambda: AdmissionLimits(max_inflight=1), on_reject=rejected.append,
+                       publish=lambda gate: setattr(app.state, "admission", gate))
+    asgi_calls: list[str] = []
+
+    class Recorder:  # outermost: every request that reaches the ASGI app at all
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                asgi_calls.append(scope["path"])
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Recorder)
+    app.middleware_stack = app.build_middleware_stack()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           http=refusing_protocol(app)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    payload = b"x" * 300_000  # larger than one read: the rest arrives after the refusal
+    request = (f"POST /rank HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(payload)}\r\n\r\n"
+               ).encode() + payload
+    try:
+        for _ in range(200):  # bounded wait for the server
+            if server.started:
+                break
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as holder, \
+                socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            holder.sendall(request)
+            for _ in range(200):  # until the holder's request runs
+                if seen:
+                    break
+                time.sleep(0.01)
+            sock.sendall(request)
+            status, headers, refused = _read_answer(sock)
+            assert status == 503 and headers["retry-after"] == "1"
+            assert json.loads(refused)["field"] == "load" and "max_inflight" in json.loads(refused)["rule"]
+            assert seen == ["rank"] and rejected == ["inflight"] and asgi_calls == ["/rank"]
+            release.set()
+            assert _read_answer(holder)[0] == 200
+            sock.sendall(request)  # the same connection, the slot free again
+            assert _read_answer(sock)[0] == 200 and seen == ["rank", "rank"]
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_the_start_up_heap_is_frozen_out_of_full_collections() -> None:
