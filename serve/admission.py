@@ -5,7 +5,7 @@ so every answer is late (or degraded) and the backlog outlives the overload. Ref
 once keeps the admitted requests within the SLO and tells clients when to come back.
 
 Two bounds, checked per process (a plain-uvicorn server, or one Ray replica) before the request is
-routed, so a refusal costs a few tens of microseconds:
+routed (plain uvicorn decides earlier still, in its HTTP protocol: serve/early_refusal.py):
 
 - **queue delay**: how long this request may have waited before its handler ran. A short list is
   scored on the event loop itself (serve/ranking.py), so under overload the requests read in one pass
