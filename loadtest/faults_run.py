@@ -313,7 +313,7 @@ def run_scenario(scenario: Scenario, ctx: RunContext) -> dict[str, Any]:
     service: RunningService | None = None
     try:
         store = _feature_store(scenario, redis.url, result)
-        if scenario.needs_capacity and scenario.capacity.without_admission:
+        if scenario.needs_capacity and scenario.capacity.without_admission and spec.admission:
             result["capacity"] = _capacity_without_admission(scenario, ctx, redis.url, payloads)
         service = service_for(spec).start(logs / "service.log", cores=ctx.cores, redis_url=redis.url,
                                           timeout_s=ctx.start_timeout_s)
