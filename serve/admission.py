@@ -109,8 +109,8 @@ class AdmissionControl:
         self._max_inflight: int | None = None
         self._configured = False
         self.inflight = 0
-        self._pass_start: float | None = None  # the current pass of the loop (None between passes)
-        self._last_pass_start = 0.0
+        self._in_pass = False  # a pass of the loop is running (its end marker is queued)
+        self._pass_start = 0.0  # the start of the current pass, or of the last one between passes
         self._pass_end = 0.0
         self._pass_end_cpu = 0.0
         self._origin = 0.0  # the earliest arrival of a request read in the current pass
@@ -121,21 +121,21 @@ class AdmissionControl:
             publish(self)
 
     def _end_pass(self) -> None:
-        self._pass_start = None
+        self._in_pass = False
         self._pass_end = self._clock()
         self._pass_end_cpu = self._cpu_clock()
 
     def queue_delay_s(self, now: float) -> float:
         """How long this request may have waited: since the start of the previous pass, or of this
         pass when the loop sat idle before it."""
-        if self._pass_start is None:
+        if not self._in_pass:
             gap = now - self._pass_end
             idle = gap - (self._cpu_clock() - self._pass_end_cpu) > IDLE_GAP_S
-            self._origin = now if idle else self._last_pass_start
+            self._origin = now if idle else self._pass_start
             if idle:  # nothing stood in the queue
                 self.standing = False
                 self._long_waits = 0
-            self._pass_start = self._last_pass_start = now
+            self._in_pass, self._pass_start = True, now
             asyncio.get_running_loop().call_soon(self._end_pass)
         return now - self._origin
 
@@ -162,7 +162,7 @@ class AdmissionControl:
             self._max_inflight = limits.max_inflight
             self._standing_s = limits.standing_ms / 1000
             self._configured = True
-            self._long_wait_at = self._origin = self._pass_end = self._last_pass_start = now
+            self._long_wait_at = self._origin = self._pass_end = self._pass_start = now
             self._pass_end_cpu = self._cpu_clock()
         if self._queue_s is None and self._max_inflight is None:
             return None
