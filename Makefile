@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rankserve-installed
 
-.PHONY: venv lab test bench losses lint selftest faults clean-artifacts
+.PHONY: venv lab test bench losses lint selftest faults two-stage clean-artifacts
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,15 +25,27 @@ lab: venv
 	$(PY) export/quantize.py
 	$(PY) loadtest/openloop.py --self-test --seconds-per-step 2
 	$(PY) loadtest/sweep.py --profile quick
+	# Two-stage retrieval then ranking (docs/two_stage.md): corpus, towers, ranker, indexes, the short ladder.
+	$(PY) models/two_stage.py --max-seconds 45 --tower-seconds 45
+	$(PY) export/build_index.py --all
+	$(PY) loadtest/two_stage.py --profile quick
 
 # The open-loop load generator's own capacity on this machine: results/loadgen/<cpu>-selftest.md.
-selftest: venv
+self# The two-stage ladder in full (every index kind and K, int8 and fp32, Milvus Lite): results/two_stage/<cpu>-<isa>-full.md
+two-stage: venv
+	$(PY) loadtest/two_stage.py --profile full
+
+test: venv
 	$(PY) loadtest/openloop.py --self-test
 
 # The fault suite in full (about 40 minutes: the 10-minute soaks and the 60 s overload included):
 # results/reliability/<cpu>-<isa>.md and .csv. Run it on a quiet machine, from a commit.
 faults: venv
 	$(PY) loadtest/faults.py --profile full
+
+# The two-stage ladder in full (every index kind and K, int8 and fp32, Milvus Lite): results/two_stage/<cpu>-<isa>-full.md
+two-stage: venv
+	$(PY) loadtest/two_stage.py --profile full
 
 test: venv
 	$(PY) -m pytest

@@ -237,7 +237,8 @@ async def _drive(cfg: OpenLoopConfig, payloads: PayloadSet, k: int, t0: float | 
     times, seed = cfg.share(k)
     parts = urlsplit(cfg.host if "://" in cfg.host else f"http://{cfg.host}")
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    prepared = [PreparedRequest(p, host, port) for p in payloads.payloads]
+    path = payloads.meta.get("path", "/rank")  # two-stage payloads (loadtest/two_stage.py) go to /search
+    prepared = [PreparedRequest(p, host, port, path) for p in payloads.payloads]
     which, nonces = _requests_of(payloads, cfg, seed, len(times), nonce_base, k)
     rec = AnswerRecorder(cfg.slo_ms, open_loop=True)
     last_end = [0.0]

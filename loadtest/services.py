@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from models.paths import REPO_ROOT
 from serve.config import ServiceConfig
+from serve.index_config import IndexConfig
 
 if TYPE_CHECKING:
     from loadtest.sweep_config import ServiceSpec
@@ -74,7 +75,9 @@ class Service:
     @classmethod
     def default_of(cls, name: str) -> Any:
         """The value this kind runs with when the sweep file does not set `name`."""
-        return cls.defaults[name] if name in cls.defaults else ServiceConfig.model_fields[name].default
+        if name in cls.defaults:
+            return cls.defaults[name]
+        return ServiceConfig.model_fields[name].get_default(call_default_factory=True)
 
     @property
     def port(self) -> int:
@@ -151,6 +154,9 @@ class Service:
 # (host, route_prefix), starts its own Ray (address) and gives its own Redis as $REDIS_URL (redis_url).
 _BASELINE_OPTIONS = ("variant", "model", "manifest_path", "threads", "port", "feature_dataset", "deadline_ms",
                      "max_docs", "max_body_bytes")
+# POST /search (serve/search.py): the uvicorn server and Ray Serve take it; the baseline does not.
+_SEARCH_OPTIONS = ("search", "search_index", "search_model", "search_variant", "search_dataset",
+                   "search_max_candidates")
 
 
 class BaselineServer(Service):
@@ -168,7 +174,7 @@ class UvicornServer(Service):
 
     script = "uvicorn_server.py"
     options = (*_BASELINE_OPTIONS, "cache", "cache_ttl_s", "inline_max_docs", "admission", "admission_queue_ms",
-               "admission_standing_ms", "admission_interval_ms", "max_inflight")
+               "admission_standing_ms", "admission_interval_ms", "max_inflight", *_SEARCH_OPTIONS)
     always = ("port", "variant", "threads")
     defaults = {"batching": False, "cache": False, "port": 8002}
     extra_args = ("--parse", "fast")
@@ -183,7 +189,7 @@ class RayServe(Service):
                "replicas", "max_replicas_per_node", "autoscaling_max_replicas", "ingress_replicas", "threads", "ingress",
                "port", "num_cpus", "admission", "admission_queue_ms", "admission_standing_ms", "admission_interval_ms", "max_inflight",
                "max_queued_requests",
-               "deadline_ms", "max_docs", "max_body_bytes")
+               "deadline_ms", "max_docs", "max_body_bytes", *_SEARCH_OPTIONS)
     always = ("variant", "topology", "port", "batching", "cache", "replicas", "threads", "ingress")
 
     def environment(self, redis_url: str | None) -> dict[str, str]:
@@ -214,6 +220,8 @@ def service_environment(spec: ServiceSpec, redis_url: str | None) -> dict[str, s
 def _flag(name: str, value: Any) -> list[str]:
     """A ServiceConfig field as its CLI flag: `--max-batch-docs 512`, `--batching` / `--no-batching`."""
     flag = "--" + name.replace("_", "-")
+    if isinstance(value, IndexConfig):  # serve/search.py's `--search-index key=value,...`
+        return [flag, ",".join(f"{k}={v}" for k, v in value.model_dump(exclude_defaults=True).items())]
     if isinstance(value, bool):
         return [flag if value else "--no-" + flag[2:]]
     return [flag, str(value)]

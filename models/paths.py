@@ -26,5 +26,16 @@ def variants_dir(name: str) -> Path:
 DEFAULT_LOSS = {"mlp": "ranknet", "attention": "listmle"}
 
 
+# Files in two_stage_dir(): the towers' outputs and the degraded answer's documents.
+QUERY_TOWER_FILE = "query_tower.onnx"
+DOC_EMBEDDINGS_FILE = "doc_embeddings.npy"
+FALLBACK_FILE = "fallback_ids.npy"
+
+
+def two_stage_dir() -> Path:
+    """Folder of the two-stage artifacts: corpus, towers, document embeddings, vector indexes."""
+    return ARTIFACTS / "two_stage"
+
+
 def default_model_name(arch: str) -> str:
     return f"{arch}-{DEFAULT_LOSS[arch]}"

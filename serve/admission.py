@@ -62,7 +62,7 @@ IDLE_GAP_S = 0.005
 # taken for an overload: 15-205 refusals at half the capacity while a replica was replaced
 # (results/reliability/, replica_kill_haproxy).
 MIN_STANDING_REQUESTS = 20
-ADMITTED_PATHS = ("/rank",)  # what admission guards; health, metrics and admin always answer
+ADMITTED_PATHS = ("/rank", "/search")  # what admission guards; health, metrics and admin always answer
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.index_config import IndexConfig
+
 DEFAULT_VARIANT = "onnx-int8-dynamic"
 APP_NAME = "rankserve"
 Topology = Literal["colocated", "split"]
@@ -114,6 +116,15 @@ class ServiceConfig(BaseModel):
         None, ge=1,
         description="Ray Serve: requests queued for a deployment's replicas before Ray answers 503; "
                     "None: derived (see queued_requests)")
+
+    # Two-stage search (serve/search.py): POST /search retrieves candidates from a vector index, then ranks them.
+    search: bool = Field(False, description="serve POST /search (needs `python models/two_stage.py` and "
+                                            "`python export/build_index.py`, and the store loaded)")
+    search_index: IndexConfig = Field(default_factory=IndexConfig, description="the vector index and its parameters")
+    search_model: str = Field("two-stage-mlp", description="the ranker of /search: a model in artifacts/variants")
+    search_variant: str = Field(DEFAULT_VARIANT, description="its variant")
+    search_dataset: str = Field("two_stage", description="feature-store dataset of the candidates' rows")
+    search_max_candidates: int = Field(2000, ge=1, description="most candidates (K) one /search may ask for")
 
     # Request limits and fallback.
     deadline_ms: float = Field(1000.0, gt=0, description="past it the answer is the degraded fallback")

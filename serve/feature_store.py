@@ -11,6 +11,7 @@ Size `maxmemory` for the features plus the cache; `load` warns when Redis evicte
 Usage::
 
     python serve/feature_store.py load --data synthetic [--split test] [--redis-url URL]
+    python serve/feature_store.py load --data two_stage        # the two-stage corpus (serve/search.py)
     python serve/feature_store.py get --dataset synthetic test-0 test-1 [--redis-url URL]
 
     from serve.feature_store import AsyncFeatureStore, FeatureStore, MissingFeaturesError, load_features
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -221,6 +223,36 @@ def load_features(
     }
 
 
+def load_two_stage(url: str, dataset: str = "two_stage", chunk_size: int = 2000) -> int:
+    """The two-stage corpus (serve/search.py): every document's row, its static features then its
+    embedding, under its row number; returns rows."""
+    from models.candidate_features import store_rows
+    from models.corpus import Corpus
+    from models.paths import DOC_EMBEDDINGS_FILE, two_stage_dir
+
+    directory = two_stage_dir()
+    corpora = sorted(directory.glob("corpus-*.npz"), key=lambda p: p.stat().st_mtime)
+    if not corpora or not (directory / DOC_EMBEDDINGS_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: no corpus or embeddings; run `python models/two_stage.py` first")
+    embeddings = np.load(directory / DOC_EMBEDDINGS_FILE)
+    corpus = next((c for c in map(Corpus.load, reversed(corpora)) if c.n_docs == len(embeddings)), None)
+    if corpus is None:
+        raise ValueError(f"{directory}: no corpus of {len(embeddings)} documents beside the embeddings")
+    rows = np.ascontiguousarray(store_rows(corpus.doc_features, embeddings), dtype="<f4")
+    client = _loader_client(url)
+    try:
+        for begin in range(0, len(rows), chunk_size):
+            pipe = client.pipeline(transaction=False)
+            for row in range(begin, min(begin + chunk_size, len(rows))):
+                pipe.set(feature_key(dataset, row), rows[row].tobytes())
+            pipe.execute()
+        client.hset(meta_key(dataset), mapping={"n_features": rows.shape[1], "docs:corpus": len(rows),
+                                                "source": "models.corpus", "fingerprint": corpus.fingerprint()})
+    finally:
+        client.close()
+    return len(rows)
+
+
 def _redis_url(arg: str | None) -> str:
     url = arg or os.environ.get("REDIS_URL")
     if not url:
@@ -235,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Load or read rankserve's Redis feature store.")
     commands = parser.add_subparsers(dest="command", required=True)
     load = commands.add_parser("load", help="load a dataset's features into Redis")
-    load.add_argument("--data", default="synthetic", help='"synthetic" or a folder with train/test files')
+    load.add_argument("--data", default="synthetic",
+                      help='"synthetic", a folder with train/test files, or "two_stage" (the retrieval corpus)')
     load.add_argument("--split", default="test", choices=["train", "vali", "test", "all"])
     load.add_argument("--name", default=None, help="dataset name in the keys (default: the dataset's name)")
     load.add_argument("--seed", type=int, default=0)
@@ -249,7 +282,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     url = _redis_url(args.redis_url)
-    if args.command == "load":
+    if args.command == "load" and args.data == "two_stage":
+        started = time.perf_counter()
+        rows = load_two_stage(url, args.name or "two_stage", chunk_size=args.chunk_size)
+        print(f"loaded {rows} two-stage documents into {url} in {time.perf_counter() - started:.1f} s")
+    elif args.command == "load":
         splits = ("train", "vali", "test") if args.split == "all" else (args.split,)
         try:
             summary = load_features(url, args.data, splits, name=args.name, seed=args.seed,

@@ -1,6 +1,6 @@
 """The one HTTP API of every ranking server: a FastAPI app built once, over an `HttpService`.
 
-Routes: `POST /rank`, `GET /healthz`, `GET /readyz`, `GET /metrics`, `POST /admin/model`, and the
+Routes: `POST /rank`, `POST /search` (two-stage: serve/search.py), `GET /healthz`, `GET /readyz`, `GET /metrics`, `POST /admin/model`, and the
 OpenAPI (`/openapi.json`, `/docs`). The Ray Serve deployments (serve/app.py, through
 `serve.ingress(builder)`), the plain-uvicorn server (serve/uvicorn_server.py) and the baseline
 (serve/baseline.py) all serve `build_http_app(...)`, so the endpoints are written once and a
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -28,7 +29,7 @@ from serve.admission import RETRY_AFTER_S, AdmissionControl, AdmissionLimits
 from serve.config import ServiceConfig
 from serve.encoding import ParseMode
 from serve.metrics import ServiceMetrics
-from serve.ranking import RankingCore, ScoringBackend, dumps
+from serve.ranking import RankingCore, ScoringBackend, check_content_type, dumps, read_body
 from serve.schemas import (
     ModelSwap,
     RankResponse,
@@ -36,7 +37,9 @@ from serve.schemas import (
     RequestError,
     install_openapi,
     rank_openapi_extra,
+    search_openapi_extra,
 )
+from serve.search import build_search_core
 from serve.security import ADMIN_RESPONSES, admin_auth
 
 logger = logging.getLogger(__name__)
@@ -92,6 +95,18 @@ class HttpService:
             deadline_ms=config.deadline_ms,
             parse_mode=parse_mode,
         )
+        self.search = build_search_core(config, metrics, self.feature_store, self.cache)
+
+    async def search_request(self, request: Request) -> tuple[int, dict[str, Any]]:
+        """Read and answer one POST /search: the same body rules (type, size) as /rank."""
+        start = time.perf_counter()
+        try:
+            check_content_type(request.headers.get("content-type"))
+            body = await read_body(request, self.config.max_body_bytes)
+        except RequestError as exc:
+            self.metrics.observe_search(exc.status, None)
+            return exc.status, exc.to_dict()
+        return await self.search.handle(body, request.headers.get("content-type"), start)
 
     async def readiness(self) -> tuple[int, dict[str, Any]]:
         """(status, body) of /readyz: 200 once a model scores here, else 503."""
@@ -205,6 +220,17 @@ def build_http_app(
                          "control) or no model loaded yet; see Retry-After"}})
     async def rank(request: Request) -> Response:
         status, payload = await current().core.handle_request(request)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return Response(dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+    @app.post("/search", openapi_extra=search_openapi_extra(),
+              responses={400: {}, 404: {"description": "search is not served here (started without --search)"},
+                         413: {}, 415: {}, 422: {}, 503: {"description": "overloaded (admission control), or "
+                                                              "the search pipeline failed to load"}})
+    async def search(request: Request) -> Response:
+        """Two-stage search: the query tower, ANN top-K from the vector index, one feature-store read,
+        the ranker, top k (serve/search.py). Degraded (200, `degraded: true`) when a stage cannot answer."""
+        status, payload = await current().search_request(request)
         headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
         return Response(dumps(payload), status_code=status, media_type="application/json", headers=headers)
 

@@ -43,12 +43,18 @@ class ServiceMetrics:
         )
         self.cache = Counter("rankserve_cache", "result cache lookups by result (hit, miss, error)", ["result"], registry=r)
         self.degraded = Counter(
-            "rankserve_degraded", "fallback answers by reason (error, deadline, feature_store)", ["reason"], registry=r
+            "rankserve_degraded", "fallback answers by reason (error, deadline, feature_store, index)", ["reason"], registry=r
         )
         self.rejected = Counter(
             "rankserve_rejected", "requests refused by admission control (503) by bound (queue, inflight)",
             ["reason"], registry=r,
         )
+        self.search_requests = Counter(
+            "rankserve_search_requests", "POST /search requests by status code", ["status"], registry=r)
+        self.search_latency = Histogram(
+            "rankserve_search_latency_ms",
+            "server-side time per /search request by stage (parse, embed, cache, retrieve, features, rank, total)",
+            ["stage"], buckets=LATENCY_BUCKETS_MS, registry=r)
         self._ray: dict[str, Any] = _ray_metrics() if use_ray else {}
 
     def observe_request(self, status: int, encoding: str, timings_ms: dict[str, float] | None) -> None:
@@ -59,6 +65,15 @@ class ServiceMetrics:
             self.latency.labels(stage).observe(ms)
             if self._ray:
                 self._ray["latency"].observe(ms, tags={"stage": stage})
+
+    def observe_search(self, status: int, timings_ms: dict[str, float] | None) -> None:
+        self.search_requests.labels(str(status)).inc()
+        if self._ray:
+            self._ray["search_requests"].inc(1, tags={"status": str(status)})
+        for stage, ms in (timings_ms or {}).items():
+            self.search_latency.labels(stage).observe(ms)
+            if self._ray:
+                self._ray["search_latency"].observe(ms, tags={"stage": stage})
 
     def observe_batch(self, n_docs: int, n_requests: int) -> None:
         self.batch_docs.observe(n_docs)
@@ -108,6 +123,11 @@ def _ray_metrics() -> dict[str, Any]:
         "batch_requests": RayHistogram(
             "rankserve_batch_requests", description="requests per inference batch", boundaries=list(REQUEST_BUCKETS)
         ),
+        "search_requests": RayCounter(
+            "rankserve_search_requests", description="POST /search requests", tag_keys=("status",)),
+        "search_latency": RayHistogram(
+            "rankserve_search_latency_ms", description="server-side time per /search request by stage (ms)",
+            boundaries=list(LATENCY_BUCKETS_MS), tag_keys=("stage",)),
         "cache": RayCounter("rankserve_cache", description="result cache lookups", tag_keys=("result",)),
         "degraded": RayCounter("rankserve_degraded", description="fallback answers", tag_keys=("reason",)),
     }

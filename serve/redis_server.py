@@ -93,6 +93,11 @@ class EmbeddedRedis:
         atexit.register(self.stop)
 
     @property
+    def pid(self) -> int | None:
+        """The redis-server's process id (None: not started)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.port}/0"
 

@@ -31,6 +31,7 @@ from serve import ray_setup  # noqa: E402
 from serve.admission import add_admission_options  # noqa: E402
 from serve.config import APP_NAME, DEFAULT_VARIANT, ServiceConfig  # noqa: E402
 from serve.lifecycle import Run, StopRequested  # noqa: E402
+from serve.search import add_search_options  # noqa: E402
 
 READY_TIMEOUT_S = 300.0
 
@@ -74,6 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServiceConfig:
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--metrics-export-port", type=int, default=None, help="Ray's Prometheus port (default: Ray picks)")
     add_admission_options(p, ray=True)
+    add_search_options(p)
     p.add_argument("--deadline-ms", type=float, default=1000.0)
     p.add_argument("--max-docs", type=int, default=5000)
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)

@@ -159,6 +159,15 @@ def validation_to_request_error(exc: ValidationError) -> RequestError:
     return RequestError(422, format_loc(tuple(err["loc"])), rule)
 
 
+def search_openapi_extra() -> dict[str, Any]:
+    """OpenAPI request body of /search (read as raw bytes too: JSON or msgpack)."""
+    from serve.search import SearchRequest
+
+    schema = {"$ref": f"#/components/schemas/{SearchRequest.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                          "application/msgpack": {"schema": schema}}}}
+
+
 def rank_openapi_extra() -> dict[str, Any]:
     """OpenAPI request body of /rank: the handler reads raw bytes, so FastAPI cannot infer it."""
     ref = "#/components/schemas/{}"
@@ -188,7 +197,9 @@ def install_openapi(app: FastAPI) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes, description=app.description)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (RankRequest, CompactRankRequest, FeatureStoreRankRequest, MsgpackRankRequest):
+        from serve.search import SearchRequest  # serve.search imports this module
+
+        for model in (RankRequest, CompactRankRequest, FeatureStoreRankRequest, MsgpackRankRequest, SearchRequest):
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(js.pop("$defs", {}))
             components[model.__name__] = js

@@ -37,6 +37,7 @@ from serve.encoding import ParseMode  # noqa: E402
 from serve.http_app import HttpService, build_http_app, freeze_startup_objects  # noqa: E402
 from serve.metrics import ServiceMetrics  # noqa: E402
 from serve.ranking import LocalBackend  # noqa: E402
+from serve.search import add_search_options  # noqa: E402
 
 DEFAULT_PORT = 8002
 
@@ -101,6 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, ParseM
                    help="lists of at most this many documents are scored on the event loop, longer ones in "
                         "the thread pool (0: always the thread pool)")
     add_admission_options(p)
+    add_search_options(p)
     options = vars(p.parse_args(argv))
     parse_mode = options.pop("parse")
     return ServiceConfig(**options, batching=False), parse_mode
