@@ -31,17 +31,17 @@ lab: venv
 	$(PY) loadtest/two_stage.py --profile quick
 
 # The open-loop load generator's own capacity on this machine: results/loadgen/<cpu>-selftest.md.
-self# The two-stage ladder in full (every index kind and K, int8 and fp32, Milvus Lite): results/two_stage/<cpu>-<isa>-full.md
-two-stage: venv
-	$(PY) loadtest/two_stage.py --profile full
-
-test: venv
+selftest: venv
 	$(PY) loadtest/openloop.py --self-test
 
 # The fault suite in full (about 40 minutes: the 10-minute soaks and the 60 s overload included):
 # results/reliability/<cpu>-<isa>.md and .csv. Run it on a quiet machine, from a commit.
 faults: venv
 	$(PY) loadtest/faults.py --profile full
+
+# The two-stage ladder in full (every index kind and K, int8 and fp32, Milvus Lite): results/two_stage/<cpu>-<isa>-full.md
+two-stage: venv
+	$(PY) loadtest/two_stage.py --profile full
 
 # The two-stage ladder in full (every index kind and K, int8 and fp32, Milvus Lite): results/two_stage/<cpu>-<isa>-full.md
 two-stage: venv
