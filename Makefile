@@ -43,10 +43,6 @@ faults: venv
 two-stage: venv
 	$(PY) loadtest/two_stage.py --profile full
 
-# The two-stage ladder in full (every index kind and K, int8 and fp32, Milvus Lite): results/two_stage/<cpu>-<isa>-full.md
-two-stage: venv
-	$(PY) loadtest/two_stage.py --profile full
-
 test: venv
 	$(PY) -m pytest
 
