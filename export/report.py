@@ -26,6 +26,19 @@ def cpu_slug(environment: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", environment["cpu"]["model"].lower()).strip("-") or "unknown-cpu"
 
 
+def isa_slug(environment: dict) -> str:
+    """The ISA level that decides the kernels: 'amx', 'avx512-vnni', 'avx512', 'avx2', else the arch.
+
+    export.report.cpu_slug names the CPU model only ('amd-epyc'), and one model name covers machines
+    with and without AVX-512 here, so results files (reliability, two-stage) are named by both."""
+    flags = set(environment["cpu"].get("isa_flags") or [])
+    for flag, name in (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx512f", "avx512"),
+                       ("avx2", "avx2"), ("asimddp", "neon-dotprod"), ("asimd", "neon")):
+        if flag in flags:
+            return name
+    return environment["cpu"].get("arch") or "unknown-isa"
+
+
 def cells_frame(manifest: Manifest) -> pd.DataFrame:
     """Every benchmark cell of every variant, long format, with the variant's accuracy beside it."""
     records = []

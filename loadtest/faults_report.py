@@ -18,25 +18,12 @@ from typing import Any
 
 import pandas as pd
 
-from export.report import cpu_slug
+from export.report import cpu_slug, isa_slug  # noqa: F401 - isa_slug: the tests import it from here
 from loadtest.faults_config import Acceptance, Scenario
 from loadtest.records import MIN_SAMPLES
 from models.environment import environment_markdown
 
 PASS, FAIL, RECORDED, ERROR = "PASS", "FAIL", "RECORDED", "ERROR"
-
-
-def isa_slug(environment: dict) -> str:
-    """The ISA level that decides the kernels: 'amx', 'avx512-vnni', 'avx512', 'avx2', else the arch.
-
-    export.report.cpu_slug names the CPU model only ('amd-epyc'), and one model name covers machines
-    with and without AVX-512 here, so reliability files are named by both."""
-    flags = set(environment["cpu"].get("isa_flags") or [])
-    for flag, name in (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx512f", "avx512"),
-                       ("avx2", "avx2"), ("asimddp", "neon-dotprod"), ("asimd", "neon")):
-        if flag in flags:
-            return name
-    return environment["cpu"].get("arch") or "unknown-isa"
 
 
 def results_stem(environment: dict, profile: str) -> str:

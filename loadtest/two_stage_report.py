@@ -11,8 +11,7 @@ import csv
 import json
 from pathlib import Path
 
-from export.report import cpu_slug
-from loadtest.faults_report import isa_slug
+from export.report import cpu_slug, isa_slug
 from models.environment import environment_markdown
 
 CSV_COLUMNS = ["backend", "index", "k_candidates", "ann_recall_at_k", "retrieval_recall", "ndcg10",

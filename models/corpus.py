@@ -23,6 +23,7 @@ retrieval model is trained on past queries and evaluated on new ones over the sa
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from dataclasses import dataclass
@@ -196,6 +197,13 @@ def make_corpus(n_docs: int = DEFAULT_DOCS, n_queries: int = DEFAULT_QUERIES, *,
                   doc_freshness=freshness.astype(f32), doc_features=doc_features.astype(f32),
                   query_latent=query_latent.astype(f32), query_attributes=attributes.astype(f32),
                   query_split=split)
+
+
+def add_corpus_options(parser: argparse.ArgumentParser) -> None:
+    """--docs, --queries, --seed: the corpus every two-stage command works on."""
+    parser.add_argument("--docs", type=int, default=DEFAULT_DOCS, help="corpus size (1000000 and more work)")
+    parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def corpus_path(directory: Path, n_docs: int, n_queries: int, seed: int) -> Path:

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.candidate_features import RANKER_FEATURES, candidate_features, store_rows  # noqa: E402
-from models.corpus import DEFAULT_DOCS, DEFAULT_QUERIES, DOC_VIEWS, SPLIT_NAMES, Corpus, load_or_make, top_k  # noqa: E402
+from models.corpus import DOC_VIEWS, SPLIT_NAMES, Corpus, add_corpus_options, load_or_make, top_k  # noqa: E402
 from models.data import LTRDataset, LTRSplit  # noqa: E402
 from models.paths import FALLBACK_FILE, two_stage_dir  # noqa: E402
 
@@ -128,9 +128,7 @@ def save_fallback(corpus: Corpus, n: int = FALLBACK_DOCS) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the two-stage ranker (and the towers if missing).")
-    parser.add_argument("--docs", type=int, default=DEFAULT_DOCS, help="corpus size (1000000 and more work)")
-    parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES)
-    parser.add_argument("--seed", type=int, default=0)
+    add_corpus_options(parser)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="ranker training time bound")
     parser.add_argument("--tower-seconds", type=float, default=60.0, help="towers' time bound, if trained now")
     parser.add_argument("--retrain-towers", action="store_true", help="train the towers even if present")

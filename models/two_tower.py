@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.corpus import DEFAULT_DOCS, DEFAULT_QUERIES, RELEVANT_PER_QUERY, Corpus, load_or_make, top_k  # noqa: E402
+from models.corpus import RELEVANT_PER_QUERY, Corpus, add_corpus_options, load_or_make, top_k  # noqa: E402
 from models.environment import collect_environment  # noqa: E402
 from models.paths import DOC_EMBEDDINGS_FILE as EMBEDDINGS_FILE  # noqa: E402
 from models.paths import QUERY_TOWER_FILE, two_stage_dir  # noqa: E402
@@ -40,7 +40,7 @@ RECALL_KS = (10, 100, 300, 1000)
 REPORT_FILE = "towers.json"
 HARD_NEGATIVE_DEPTH = 200
 # The query tower learns from a few thousand distinct queries only (each brings ~100 pairs, all with
-# the same input): a linear tower generalizes to new queries where an MLP overfits them (measured:
+# the same input): a linear tower generalizes to new queries where an MLP overfits them (hand-measured:
 # vali recall@100 0.42 with two hidden layers of 128, 0.44 linear, at 100k documents and 3,000 queries).
 QUERY_HIDDEN = 0
 _GRADE_WEIGHT = {4: 4.0, 3: 3.0, 2: 2.0, 1: 1.0}
@@ -237,9 +237,7 @@ def save_towers(towers: Towers, corpus: Corpus, directory: Path, report: dict) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the two-tower retrieval model on the two-stage corpus.")
-    parser.add_argument("--docs", type=int, default=DEFAULT_DOCS, help="corpus size (1000000 and more work)")
-    parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES)
-    parser.add_argument("--seed", type=int, default=0)
+    add_corpus_options(parser)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="training time bound; 0: none")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: all usable cores")

@@ -168,17 +168,23 @@ def _loader_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=LOAD_TIMEOUT_S, socket_connect_timeout=LOAD_TIMEOUT_S)
 
 
+def write_rows(client: redis.Redis, dataset: str, ids: Sequence[str | int], rows: np.ndarray,
+               chunk_size: int) -> None:
+    """SET each row (little-endian float32 bytes) under its id, one pipeline per chunk of rows."""
+    for start in range(0, len(ids), chunk_size):
+        pipe = client.pipeline(transaction=False)
+        for row in range(start, min(start + chunk_size, len(ids))):
+            pipe.set(feature_key(dataset, ids[row]), rows[row].tobytes())
+        pipe.execute()
+
+
 def load_split(url: str, dataset: str, split: LTRSplit, chunk_size: int = 1000) -> int:
     """Write one split's rows under `<split>-<row>` ids, one pipeline of SETs per chunk; returns rows."""
     client = _loader_client(url)
     try:
         features = np.ascontiguousarray(split.X, dtype="<f4")
         ids = doc_ids_of(split)
-        for start in range(0, len(ids), chunk_size):
-            pipe = client.pipeline(transaction=False)
-            for row in range(start, min(start + chunk_size, len(ids))):
-                pipe.set(feature_key(dataset, ids[row]), features[row].tobytes())
-            pipe.execute()
+        write_rows(client, dataset, ids, features, chunk_size)
         client.hset(
             meta_key(dataset),
             mapping={"n_features": features.shape[1], f"docs:{split.name}": len(ids)},
@@ -241,11 +247,7 @@ def load_two_stage(url: str, dataset: str = "two_stage", chunk_size: int = 2000)
     rows = np.ascontiguousarray(store_rows(corpus.doc_features, embeddings), dtype="<f4")
     client = _loader_client(url)
     try:
-        for begin in range(0, len(rows), chunk_size):
-            pipe = client.pipeline(transaction=False)
-            for row in range(begin, min(begin + chunk_size, len(rows))):
-                pipe.set(feature_key(dataset, row), rows[row].tobytes())
-            pipe.execute()
+        write_rows(client, dataset, range(len(rows)), rows, chunk_size)
         client.hset(meta_key(dataset), mapping={"n_features": rows.shape[1], "docs:corpus": len(rows),
                                                 "source": "models.corpus", "fingerprint": corpus.fingerprint()})
     finally:

@@ -18,6 +18,11 @@ BUILD_PARAMS = {"flat": (), "hnsw": ("hnsw_m", "ef_construction"), "ivf_flat": (
 NAME_ABBREV = {"hnsw_m": "M", "ef_construction": "efc", "nlist": "nlist", "pq_m": "m", "pq_nbits": "nbits"}
 
 
+class IndexUnavailableError(RuntimeError):
+    """The index cannot answer (file missing/corrupt, Milvus down, collection missing): the service
+    answers degraded. Here, not in serve/vector_index.py, so that catching it imports no faiss."""
+
+
 class IndexConfig(BaseModel):
     """The index: backend and structure, build-time and search-time parameters."""
 
@@ -79,7 +84,7 @@ class IndexConfig(BaseModel):
     @property
     def mips_augmented(self) -> bool:
         """HNSW is built on norm-equalized vectors (serve/vector_index.py's `mips_augment`): a graph over
-        raw inner products, whose norms vary, found 0.38-0.44 of the exact top-K (measured, 100k documents)."""
+        raw inner products, whose norms vary, found 0.38-0.44 of the exact top-K (hand-measured on the 100k corpus before this build)."""
         return self.kind == "hnsw"
 
     def _name_parts(self) -> list[str]:  # hnsw, M32, efc200

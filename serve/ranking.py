@@ -384,10 +384,14 @@ class RankingCore:
             raise RequestError(422, "doc_ids", rule) from None
 
     def _background(self, coro: Any) -> None:
-        """Cache writes leave the request path; keep a reference so the task is not collected."""
-        task = asyncio.ensure_future(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        in_background(self._pending, coro)
+
+
+def in_background(pending: set[asyncio.Task[Any]], coro: Any) -> None:
+    """Cache writes leave the request path; keep a reference in `pending` so the task is not collected."""
+    task = asyncio.ensure_future(coro)
+    pending.add(task)
+    task.add_done_callback(pending.discard)
 
 
 def _cache_failures(cache: Any) -> int:

@@ -32,8 +32,11 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from serve.encoding import MSGPACK_TYPES, media_type
+from serve.index_config import IndexUnavailableError
 from serve.metrics import ServiceMetrics
+from serve.ranking import in_background
 from serve.schemas import Feature, QueryId, RequestError, validation_to_request_error
+from serve.search_pipeline import top_results
 
 logger = logging.getLogger(__name__)
 SEARCH_CACHE_PREFIX = "rankserve:search:v1"
@@ -158,9 +161,6 @@ class SearchCore:
                 stored = orjson.loads(hit)
                 return answer(stored["results"], stored["candidates"], cached=True)
 
-        from serve.search_pipeline import top_results
-        from serve.vector_index import IndexUnavailableError
-
         try:
             with _stage(timings, "retrieve"):
                 if pipeline.index.blocking:  # a network (or Lite's Python) call: off the event loop
@@ -185,7 +185,7 @@ class SearchCore:
             return answer(top_results(ids, None, req.k), ids.size, degraded="error")
         results = top_results(ids, scores, req.k)
         if key is not None:
-            self._background(self.cache.set(key, orjson.dumps({"results": results, "candidates": ids.size})))
+            in_background(self._pending, self.cache.set(key, orjson.dumps({"results": results, "candidates": ids.size})))
         return answer(results, ids.size)
 
     async def _read_rows(self, ids: list[int], timings: dict[str, float], req: SearchRequest) -> np.ndarray | None:
@@ -204,10 +204,6 @@ class SearchCore:
             logger.error("feature store %r and the index disagree (%s): degraded answer", self.dataset, exc)
         return None
 
-    def _background(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
 
 
 class _stage:

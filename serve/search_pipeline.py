@@ -11,6 +11,8 @@ documents: the most popular ones), and the ranker's variants in artifacts/varian
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ import numpy as np
 
 from models.candidate_features import candidate_features
 from models.paths import FALLBACK_FILE, QUERY_TOWER_FILE, two_stage_dir
-from serve.index_config import IndexConfig
+from serve.index_config import IndexConfig, IndexUnavailableError
+
+logger = logging.getLogger(__name__)
 
 INDEX_FOLDER = "index"
 
@@ -108,17 +112,14 @@ class ReopeningIndex:
         self._open()
 
     def _open(self) -> None:
-        import logging
-        import time
-
-        from serve.vector_index import IndexUnavailableError, open_index
+        from serve.vector_index import open_index  # imports faiss: only in a process that searches
 
         self._last_try = time.monotonic()
         try:
             self.opened = open_index(self.config, self.directory, threads=self.threads)
         except IndexUnavailableError as exc:
             self.why = str(exc)
-            logging.getLogger(__name__).warning("index %s unavailable: %s", self.config.label, exc)
+            logger.warning("index %s unavailable: %s", self.config.label, exc)
 
     @property
     def blocking(self) -> bool:
@@ -126,10 +127,6 @@ class ReopeningIndex:
         return self.opened is None or self.opened.blocking
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import time
-
-        from serve.vector_index import IndexUnavailableError
-
         if self.opened is None and time.monotonic() - self._last_try >= self.retry_s:
             self._open()
         if self.opened is None:

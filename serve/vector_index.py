@@ -47,16 +47,12 @@ from typing import Any, ClassVar
 import faiss
 import numpy as np
 
-from serve.index_config import IndexConfig
+from serve.index_config import IndexConfig, IndexUnavailableError  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 MILVUS_INDEX_TYPE = {"flat": "FLAT", "hnsw": "HNSW", "ivf_flat": "IVF_FLAT", "ivfpq": "IVF_PQ"}
 INSERT_CHUNK = 10_000
-
-
-class IndexUnavailableError(RuntimeError):
-    """The index cannot answer (file missing/corrupt, Milvus down, collection missing)."""
 
 
 class VectorIndex(ABC):
