@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rankserve-installed
 
-.PHONY: venv lab test bench losses lint selftest faults two-stage clean-artifacts
+.PHONY: venv lab test bench losses lint selftest faults two-stage cache clean-artifacts
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,15 @@ venv: $(STAMP)
 # The lab on embedded defaults: synthetic data, a local Redis, local Ray.
 lab: venv
 	$(PY) models/train.py --arch mlp --max-seconds 60
-	$(PY) models/train.py --arch attention --max-seconds 90
+	$(PY) models/train.py --arch attention --max-seconds 75
 	$(PY) export/quantize.py
 	$(PY) loadtest/openloop.py --self-test --seconds-per-step 2
 	$(PY) loadtest/sweep.py --profile quick
-	# Two-stage retrieval then ranking (docs/two_stage.md): corpus, towers, ranker, indexes, the short ladder.
-	$(PY) models/two_stage.py --max-seconds 45 --tower-seconds 45
-	$(PY) export/build_index.py --all
+	# Where the result cache pays: both rankers, 100 and 1000 documents, fixed hit ratios and Zipf traffic.
+	$(PY) loadtest/cache_ladder.py --profile quick
+	# Two-stage retrieval then ranking (docs/two_stage.md): corpus, towers, ranker, the short ladder (which
+	# builds the indexes it needs; `python export/build_index.py --all` builds every kind).
+	$(PY) models/two_stage.py --max-seconds 35 --tower-seconds 35
 	$(PY) loadtest/two_stage.py --profile quick
 
 # The open-loop load generator's own capacity on this machine: results/loadgen/<cpu>-selftest.md.
@@ -38,6 +40,10 @@ selftest: venv
 # results/reliability/<cpu>-<isa>.md and .csv. Run it on a quiet machine, from a commit.
 faults: venv
 	$(PY) loadtest/faults.py --profile full
+
+# The cache ladder in full (0% to 99% hits, longer phases): results/cache/<cpu>-<isa>-full.md
+cache: venv
+	$(PY) loadtest/cache_ladder.py --profile full
 
 # The two-stage ladder in full (every index kind and K, int8 and fp32, Milvus Lite): results/two_stage/<cpu>-<isa>-full.md
 two-stage: venv

@@ -20,8 +20,9 @@ from typing import Any
 import orjson
 
 from loadtest.latency import LatencyRecorder
+from serve.metrics import STAGES
 
-TIMING_KEYS = ("parse", "cache", "queue", "inference", "total")
+TIMING_KEYS = STAGES  # the server's timings_ms stages
 DEGRADED = "degraded answer"
 
 

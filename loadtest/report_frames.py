@@ -20,9 +20,10 @@ import yaml
 
 from loadtest.latency import LatencyRecorder
 from loadtest.records import CONVERGED, LOWER_BOUND, EntryRecord, SloStep, TrialRecord
+from serve.metrics import STAGES
 
 PERCENTILES = ("p50", "p95", "p99", "p99.9")
-SERVER_PARTS = ("parse", "cache", "queue", "inference", "total")
+SERVER_PARTS = STAGES  # the server's timings_ms stages
 USABLE_SLO = (CONVERGED, LOWER_BOUND)  # a GENERATOR-BOUND or INVALID figure is never the service's limit
 KEYS = ["device", "list_size", "entry", "scenario"]
 
@@ -362,7 +363,7 @@ def breakdown_frame(run: Run, rows: pd.DataFrame | None = None) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame()
     means = rows[[*KEYS, "mean", *(f"server_{p}" for p in SERVER_PARTS)]].copy()
-    known = means[[f"server_{p}" for p in ("parse", "cache", "queue", "inference")]].fillna(0).sum(axis=1)
+    known = means[[f"server_{p}" for p in SERVER_PARTS if p != "total"]].fillna(0).sum(axis=1)
     means["client_transport_proxy"] = (means["mean"] - means["server_total"]).clip(lower=0)
     means["server_other"] = (means["server_total"] - known).clip(lower=0)
     return means.rename(columns={"mean": "client_mean"})

@@ -18,7 +18,7 @@ from pathlib import Path
 from loadtest.sweep_config import Sweep
 from models.paths import REPO_ROOT
 
-RESULT_CACHE_PATTERN = "rankserve:result:*"  # serve/cache.py's KEY_PREFIX
+RESULT_CACHE_PATTERN = "rankserve:result:*"  # serve/cache_keys.py KEY_PREFIX (every version)
 
 
 def payload_path(run_dir: Path, encoding: str, n_docs: int) -> Path:

@@ -6,14 +6,20 @@ every Redis call has short timeouts and no retries (redis-py's defaults block 4 
 Redis is down), any Redis error reads as a miss, and after `failure_threshold` consecutive failures
 a circuit breaker skips Redis entirely for `open_s` seconds before letting one probe through.
 
+What is stored: the answer's `results` as ready JSON bytes, spliced into the response on a hit
+(`orjson.Fragment`), so a hit neither parses nor re-serializes them. Keys: serve/cache_keys.py.
+
 Usage::
 
-    from serve.cache import AsyncResultCache, ResultCache, cache_key
+    from serve.cache import AsyncResultCache, ResultCache
+    from serve.cache_keys import body_key, store_key
 
-    key = cache_key(model, variant, version, query_id, doc_ids, features)   # features may be None
     cache = ResultCache(url, ttl_s=300, timeout_s=0.05)       # sync; AsyncResultCache for async def
+    key = body_key(model, query_id, doc_ids, features)
     body = cache.get(key)               # bytes, or None on a miss, an error or an open breaker
-    cache.set(key, orjson.dumps(resp))  # True if stored
+    cache.set(key, orjson.dumps(results))  # True if stored
+    # feature-store mode: the store's version is read in the same round trip as the answer
+    body, key = cache.get_versioned(store_key(model, query_id, doc_ids, dataset))  # key None: not known
     cache.stats()  # {"hits", "misses", "errors", "sets", "bypassed", "breaker_opens", "breaker_open"}
 
     acache = AsyncResultCache(url)      # same options; use from one event loop
@@ -22,50 +28,30 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import orjson
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-KEY_PREFIX = "rankserve:result:v1"
+from serve.cache_keys import VersionedKey
+
 DEFAULT_TTL_S = 300.0
 DEFAULT_TIMEOUT_S = 0.05
 # Everything a dead, slow or confused Redis raises: redis-py wraps socket errors in RedisError, and
 # TimeoutError/OSError cover anything that slips through (asyncio timeouts included).
 REDIS_FAILURES: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
-
-
-def cache_key(
-    model: str,
-    variant: str,
-    version: str,
-    query_id: str | int,
-    doc_ids: Sequence[str | int],
-    features: Any = None,
-) -> str:
-    """`rankserve:result:v1:<model>:<variant>:<version>:<sha256>` for one ranking request.
-
-    The model, variant and version are in the key so that a new model never serves an old one's
-    answer. The hash covers the query id and document ids in order (their JSON form, so "1" and 1
-    differ, as they do in the response) and the features as little-endian float32 bytes with their
-    shape, so 1.0 and 1.00 hash the same and any change in a feature changes the key.
-    """
-    digest = hashlib.sha256()
-    digest.update(orjson.dumps([query_id, list(doc_ids)], option=orjson.OPT_SERIALIZE_NUMPY))
-    if features is not None:
-        array = np.ascontiguousarray(features, dtype="<f4")
-        digest.update(repr(array.shape).encode())
-        digest.update(array.tobytes())
-    return f"{KEY_PREFIX}:{model}:{variant}:{version}:{digest.hexdigest()}"
+# One round trip for a feature-store answer: read the dataset's version, then the answer keyed on it.
+# (A script, not two GETs: the key depends on the version, so a pipeline cannot carry both.)
+VERSIONED_GET = """
+local v = redis.call('GET', KEYS[1]) or '0'
+return {v, redis.call('GET', ARGV[1] .. v .. ARGV[2])}
+"""
 
 
 class CircuitBreaker:
@@ -206,6 +192,7 @@ class ResultCache(_CacheBase):
     def __init__(self, url: str, ttl_s: float = DEFAULT_TTL_S, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs: Any):
         super().__init__(url, ttl_s, timeout_s, **kwargs)
         self.client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **self._client_options())
+        self._versioned_get = self.client.register_script(VERSIONED_GET)
 
     def get(self, key: str) -> bytes | None:
         if not self.breaker.allow():
@@ -217,6 +204,19 @@ class ResultCache(_CacheBase):
             self._failed(exc)
             return None
         return self._got(value)
+
+    def get_versioned(self, vkey: VersionedKey) -> tuple[bytes | None, str | None]:
+        """(the answer or None, the key to store a new answer under, or None when Redis did not say
+        which version the store is at)."""
+        if not self.breaker.allow():
+            self._count("bypassed")
+            return None, None
+        try:
+            version, value = self._versioned_get(keys=[vkey.version_key], args=[vkey.head, vkey.tail])
+        except REDIS_FAILURES as exc:
+            self._failed(exc)
+            return None, None
+        return self._got(value), vkey.at(version)
 
     def set(self, key: str, value: bytes) -> bool:
         if not self.breaker.allow():
@@ -249,6 +249,7 @@ class AsyncResultCache(_CacheBase):
     def __init__(self, url: str, ttl_s: float = DEFAULT_TTL_S, timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs: Any):
         super().__init__(url, ttl_s, timeout_s, **kwargs)
         self.client = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **self._client_options())
+        self._versioned_get = self.client.register_script(VERSIONED_GET)
 
     async def get(self, key: str) -> bytes | None:
         if not self.breaker.allow():
@@ -260,6 +261,18 @@ class AsyncResultCache(_CacheBase):
             self._failed(exc)
             return None
         return self._got(value)
+
+    async def get_versioned(self, vkey: VersionedKey) -> tuple[bytes | None, str | None]:
+        """As ResultCache.get_versioned."""
+        if not self.breaker.allow():
+            self._count("bypassed")
+            return None, None
+        try:
+            version, value = await self._versioned_get(keys=[vkey.version_key], args=[vkey.head, vkey.tail])
+        except REDIS_FAILURES as exc:
+            self._failed(exc)
+            return None, None
+        return self._got(value), vkey.at(version)
 
     async def set(self, key: str, value: bytes) -> bool:
         if not self.breaker.allow():

@@ -3,7 +3,9 @@
 Why: in production the ranker rarely receives features in the request; it looks them up by
 document id. One MGET per request (never one round trip per document) keeps that lookup to a single
 Redis round trip. Each key `rankserve:features:<dataset>:<doc_id>` holds one document's features
-as little-endian float32 bytes; doc ids are `"<split>-<row index in the split>"`.
+as little-endian float32 bytes; doc ids are `"<split>-<row index in the split>"`. Every load bumps
+the dataset's version (`rankserve:features-version:<dataset>`), which the result cache's keys hold
+in feature-store mode (serve/cache_keys.py): answers computed from old rows are never served again.
 
 Note: the features share the server with the result cache, whose eviction policy is allkeys-lru.
 Size `maxmemory` for the features plus the cache; `load` warns when Redis evicted keys while loading.
@@ -38,6 +40,8 @@ import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from serve.cache_keys import store_version_key
 
 if TYPE_CHECKING:
     from models.data import LTRSplit
@@ -170,12 +174,24 @@ def _loader_client(url: str) -> redis.Redis:
 
 def write_rows(client: redis.Redis, dataset: str, ids: Sequence[str | int], rows: np.ndarray,
                chunk_size: int) -> None:
-    """SET each row (little-endian float32 bytes) under its id, one pipeline per chunk of rows."""
+    """SET each row (little-endian float32 bytes) under its id, one pipeline per chunk of rows.
+
+    The dataset's version (serve/cache_keys.py) is bumped before the first row and after the last:
+    cached answers keyed on the old version are never read again, and one computed from rows read
+    while the load ran is keyed on a version the final bump retires."""
+    version = store_version_key(dataset)
+    client.incr(version)
     for start in range(0, len(ids), chunk_size):
         pipe = client.pipeline(transaction=False)
         for row in range(start, min(start + chunk_size, len(ids))):
             pipe.set(feature_key(dataset, ids[row]), rows[row].tobytes())
         pipe.execute()
+    client.incr(version)
+
+
+def store_version(client: redis.Redis, dataset: str) -> int:
+    """The dataset's version now (0: never loaded since versions were kept)."""
+    return int(client.get(store_version_key(dataset)) or 0)
 
 
 def load_split(url: str, dataset: str, split: LTRSplit, chunk_size: int = 1000) -> int:

@@ -16,7 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000)
 DOC_BUCKETS = (1, 10, 25, 50, 100, 200, 500, 1000, 2000, 4096, 8192, 16384)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-STAGES = ("parse", "cache", "queue", "inference", "total")
+# The stages of a /rank answer's `timings_ms` (serve/ranking.py), declared once: the load generators' records and
+# the sweep's report read the same names.
+STAGES = ("read", "parse", "key", "cache", "features", "queue", "inference", "total")
 
 
 class ServiceMetrics:

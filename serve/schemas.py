@@ -86,8 +86,11 @@ class ScoredDocument(BaseModel):
 
 
 class Timings(BaseModel):
+    read: float = Field(0.0, description="receiving the request body")
     parse: float
-    cache: float
+    key: float = Field(0.0, description="building the result-cache key (the digest)")
+    cache: float = Field(description="the result cache's Redis round trip")
+    features: float = Field(0.0, description="feature-store mode: the MGET of the documents' features")
     queue: float
     inference: float
     total: float

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
+from serve.cache_keys import VersionedKey, store_key
 from serve.encoding import MSGPACK_TYPES, media_type
 from serve.index_config import IndexUnavailableError
 from serve.metrics import ServiceMetrics
@@ -39,7 +39,6 @@ from serve.schemas import Feature, QueryId, RequestError, validation_to_request_
 from serve.search_pipeline import top_results
 
 logger = logging.getLogger(__name__)
-SEARCH_CACHE_PREFIX = "rankserve:search:v1"
 
 
 class SearchQuery(BaseModel):
@@ -84,12 +83,13 @@ def parse_search(body: bytes, content_type: str | None) -> SearchRequest:
         raise error from None
 
 
-def cache_key(ranker: dict[str, str], index_label: str, req: SearchRequest, embedding: np.ndarray) -> str:
-    """The ranker's identity and the index's configuration are in the key: a new model or another index
-    never serves an old answer; the query is its embedding (float32 bytes), so equal queries share it."""
-    digest = hashlib.sha256(orjson.dumps([index_label, req.k, req.candidates]))
-    digest.update(np.ascontiguousarray(embedding, dtype="<f4").tobytes())
-    return f"{SEARCH_CACHE_PREFIX}:{ranker['name']}:{ranker['variant']}:{ranker['version']}:{digest.hexdigest()}"
+def cache_key(ranker: dict[str, str], index_label: str, req: SearchRequest, embedding: np.ndarray,
+              dataset: str) -> VersionedKey:
+    """The ranker's identity, the index's configuration and the feature store's version are in the key:
+    a new model, another index or reloaded rows never serve an old answer; the query is its embedding
+    (float32 bytes), so equal queries share it."""
+    settings = orjson.dumps(["search", index_label, req.k, req.candidates])
+    return store_key(ranker, "", (), dataset, settings, np.ascontiguousarray(embedding, dtype="<f4").tobytes())
 
 
 @dataclass
@@ -139,7 +139,7 @@ class SearchCore:
         ranker = pipeline.ranker
         index_label = pipeline.index.config.label
 
-        def answer(results: list[dict[str, Any]], candidates: int, *, cached: bool = False,
+        def answer(results: Any, candidates: int, *, cached: bool = False,
                    degraded: str | None = None) -> tuple[int, dict[str, Any]]:
             timings["total"] = (time.perf_counter() - start) * 1000
             if degraded:
@@ -154,12 +154,11 @@ class SearchCore:
         key = None
         if self.cache is not None:
             with _stage(timings, "cache"):
-                key = cache_key(ranker, index_label, req, embedding)
-                hit = await self.cache.get(key)
+                hit, key = await self.cache.get_versioned(cache_key(ranker, index_label, req, embedding, self.dataset))
             self.metrics.observe_cache("hit" if hit is not None else "miss")
-            if hit is not None:
-                stored = orjson.loads(hit)
-                return answer(stored["results"], stored["candidates"], cached=True)
+            if hit is not None:  # "<candidates>\n<results JSON>": spliced in, not parsed
+                candidates, _, results = hit.partition(b"\n")
+                return answer(orjson.Fragment(results), int(candidates), cached=True)
 
         try:
             with _stage(timings, "retrieve"):
@@ -183,10 +182,10 @@ class SearchCore:
         except Exception:
             logger.exception("ranker failed for %r: degraded answer", req.query_id)
             return answer(top_results(ids, None, req.k), ids.size, degraded="error")
-        results = top_results(ids, scores, req.k)
+        results = orjson.dumps(top_results(ids, scores, req.k))
         if key is not None:
-            in_background(self._pending, self.cache.set(key, orjson.dumps({"results": results, "candidates": ids.size})))
-        return answer(results, ids.size)
+            in_background(self._pending, self.cache.set(key, b"%d\n" % ids.size + results))
+        return answer(orjson.Fragment(results), ids.size)
 
     async def _read_rows(self, ids: list[int], timings: dict[str, float], req: SearchRequest) -> np.ndarray | None:
         """One MGET of the candidates' rows; None (degraded) when the store cannot give them all."""

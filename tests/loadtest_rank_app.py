@@ -92,8 +92,11 @@ async def rank(request: Request) -> Response:
         _cache[key] = orjson.dumps(results)
     t3 = time.perf_counter()
     timings = {
+        "read": 0.0,
         "parse": (t1 - t0) * 1e3,
+        "key": 0.0,
         "cache": (t2 - t1) * 1e3,
+        "features": 0.0,
         "queue": 0.0,
         "inference": 0.0 if cached else (t3 - t2) * 1e3,
         "total": (t3 - t0) * 1e3,
@@ -117,7 +120,8 @@ def _degraded_answer(query_id: str, ids: list, elapsed_ms: float) -> Response:
         "results": [{"id": i, "score": None} for i in ids],
         "cached": False,
         "degraded": True,
-        "timings_ms": {"parse": elapsed_ms, "cache": 0.0, "queue": 0.0, "inference": 0.0, "total": elapsed_ms},
+        "timings_ms": {"read": 0.0, "parse": elapsed_ms, "key": 0.0, "cache": 0.0, "features": 0.0, "queue": 0.0,
+                       "inference": 0.0, "total": elapsed_ms},
     }
     return Response(orjson.dumps(out), media_type="application/json")
 

@@ -24,6 +24,7 @@ from serve.baseline import create_app
 from serve.config import ServiceConfig
 from serve.encoding import encode_msgpack
 from serve.feature_store import feature_key, meta_key
+from serve.metrics import STAGES
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_rank_returns_offline_scores_best_first(client: TestClient, scorer) -> N
     assert [r["id"] for r in body["results"]] == [ids[i] for i in np.argsort(-offline, kind="stable")]
     assert body["model"] == {"name": scorer.model, "variant": "onnx-fp32", "version": scorer.version}
     assert body["query_id"] == "q1" and body["cached"] is False and body["degraded"] is False
-    assert set(body["timings_ms"]) == {"parse", "cache", "queue", "inference", "total"}
+    assert set(body["timings_ms"]) == set(STAGES)
     assert body["timings_ms"]["total"] >= body["timings_ms"]["inference"] > 0
 
 

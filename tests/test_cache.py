@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import redis
 
-from serve.cache import AsyncResultCache, CircuitBreaker, ResultCache, cache_key
+from serve.cache import AsyncResultCache, CircuitBreaker, ResultCache
+from serve.cache_keys import body_key, store_key
+from serve.feature_store import store_version, write_rows
 from serve.redis_server import EmbeddedRedis
 
 IDS = ["d1", "d2", "d3"]
@@ -21,7 +23,7 @@ FEATURES = [[1.0, 2.5, -3.0], [0.0, 4.0, 5.0], [7.0, 8.0, 9.0]]
 
 
 def unique_key() -> str:
-    return cache_key("mlp-lambdarank", "onnx-fp32", "abc123", f"q-{uuid.uuid4()}", IDS, FEATURES)
+    return body_key(("mlp-lambdarank", "onnx-fp32", "abc123"), f"q-{uuid.uuid4()}", IDS, np.array(FEATURES))
 
 
 def wait_until(condition, timeout_s: float = 5.0) -> bool:
@@ -37,25 +39,25 @@ def wait_until(condition, timeout_s: float = 5.0) -> bool:
 
 
 def test_key_is_canonical_over_float_spelling_and_dtype() -> None:
-    a = cache_key("m", "v", "1", "q1", IDS, FEATURES)
-    b = cache_key("m", "v", "1", "q1", list(IDS), [[1.00, 2.50, -3.000], [0, 4, 5], [7.0, 8.0, 9.0]])
-    c = cache_key("m", "v", "1", "q1", tuple(IDS), np.array(FEATURES, dtype=np.float64))
+    a = body_key(("m", "v", "1"), "q1", IDS, FEATURES)
+    b = body_key(("m", "v", "1"), "q1", list(IDS), [[1.00, 2.50, -3.000], [0, 4, 5], [7.0, 8.0, 9.0]])
+    c = body_key(("m", "v", "1"), "q1", tuple(IDS), np.array(FEATURES, dtype=np.float64))
     assert a == b == c
-    assert a.startswith("rankserve:result:v1:m:v:1:")
+    assert a.startswith("rankserve:result:v2:m:v:1:")
 
 
 def test_key_changes_with_order_features_ids_and_model() -> None:
-    base = cache_key("m", "v", "1", "q1", IDS, FEATURES)
-    assert cache_key("m", "v", "1", "q1", IDS[::-1], FEATURES[::-1]) != base  # order matters
-    assert cache_key("m", "v", "1", "q1", IDS, [[1.0, 2.5, -3.0], [0.0, 4.0, 5.0], [7.0, 8.0, 9.5]]) != base
-    assert cache_key("m", "v", "1", "q2", IDS, FEATURES) != base
-    assert cache_key("m", "v", "2", "q1", IDS, FEATURES) != base
-    assert cache_key("m", "v2", "1", "q1", IDS, FEATURES) != base
-    assert cache_key("m2", "v", "1", "q1", IDS, FEATURES) != base
-    assert cache_key("m", "v", "1", "q1", [1, 2], None) != cache_key("m", "v", "1", "q1", ["1", "2"], None)
+    base = body_key(("m", "v", "1"), "q1", IDS, FEATURES)
+    assert body_key(("m", "v", "1"), "q1", IDS[::-1], FEATURES[::-1]) != base  # order matters
+    assert body_key(("m", "v", "1"), "q1", IDS, [[1.0, 2.5, -3.0], [0.0, 4.0, 5.0], [7.0, 8.0, 9.5]]) != base
+    assert body_key(("m", "v", "1"), "q2", IDS, FEATURES) != base
+    assert body_key(("m", "v", "2"), "q1", IDS, FEATURES) != base
+    assert body_key(("m", "v2", "1"), "q1", IDS, FEATURES) != base
+    assert body_key(("m2", "v", "1"), "q1", IDS, FEATURES) != base
+    assert store_key(("m", "v", "1"), "q1", [1, 2], "ds").at(1) != store_key(("m", "v", "1"), "q1", ["1", "2"], "ds").at(1)
     # the same numbers with another shape are another request
     flat = np.array(FEATURES, dtype=np.float32).reshape(1, 9)
-    assert cache_key("m", "v", "1", "q1", IDS, flat) != base
+    assert body_key(("m", "v", "1"), "q1", IDS, flat) != base
 
 
 # ---- the breaker (pure logic, fake clock) -----------------------------------------------------
@@ -126,10 +128,49 @@ def test_ttl_is_set_and_entries_expire(redis_url: str, redis_client: redis.Redis
 def test_new_model_version_never_reads_old_answer(redis_url: str) -> None:
     cache = ResultCache(redis_url, ttl_s=60)
     query = f"q-{uuid.uuid4()}"
-    cache.set(cache_key("m", "onnx-fp32", "v1", query, IDS, FEATURES), b"old")
-    assert cache.get(cache_key("m", "onnx-fp32", "v2", query, IDS, FEATURES)) is None
-    assert cache.get(cache_key("m", "onnx-int8-dynamic", "v1", query, IDS, FEATURES)) is None
-    assert cache.get(cache_key("m", "onnx-fp32", "v1", query, IDS, FEATURES)) == b"old"
+    cache.set(body_key(("m", "onnx-fp32", "v1"), query, IDS, FEATURES), b"old")
+    assert cache.get(body_key(("m", "onnx-fp32", "v2"), query, IDS, FEATURES)) is None
+    assert cache.get(body_key(("m", "onnx-int8-dynamic", "v1"), query, IDS, FEATURES)) is None
+    assert cache.get(body_key(("m", "onnx-fp32", "v1"), query, IDS, FEATURES)) == b"old"
+
+
+def test_store_keys_change_with_the_model_the_ids_their_order_and_the_store_version() -> None:
+    base = store_key(("m", "v", "1"), "q1", IDS, "ds")
+    assert base.version_key == "rankserve:features-version:ds"
+    assert base.at(3) == base.at(b"3") != base.at(4)
+    for other in (store_key(("m", "v", "2"), "q1", IDS, "ds"), store_key(("m", "v2", "1"), "q1", IDS, "ds"),
+                  store_key(("m", "v", "1"), "q1", IDS[::-1], "ds"), store_key(("m", "v", "1"), "q2", IDS, "ds"),
+                  store_key(("m", "v", "1"), "q1", IDS, "ds2"), store_key(("m", "v", "1"), "q1", IDS, "ds", b"x")):
+        assert other.at(3) != base.at(3)
+
+
+def test_reloading_the_store_changes_the_key_and_retires_old_answers(redis_url: str) -> None:
+    """Feature-store mode: the key holds the dataset's version, read with the answer in one round trip;
+    a load bumps it, so an answer computed from the old rows is never read again."""
+    client = redis.Redis.from_url(redis_url)
+    dataset = f"cache-store-{uuid.uuid4().hex[:8]}"
+    rows = np.array(FEATURES, dtype="<f4")
+    write_rows(client, dataset, IDS, rows, chunk_size=2)
+    cache = ResultCache(redis_url, ttl_s=60)
+    vkey = store_key(("m", "v", "1"), "q1", IDS, dataset)
+    miss, key = cache.get_versioned(vkey)
+    assert miss is None and key == vkey.at(store_version(client, dataset)) == vkey.at(2)
+    assert cache.set(key, b"computed from the first rows")
+    assert cache.get_versioned(vkey) == (b"computed from the first rows", key)
+    write_rows(client, dataset, IDS, rows + 1, chunk_size=2)  # the store is reloaded
+    after, new_key = cache.get_versioned(vkey)
+    assert after is None and new_key != key and new_key == vkey.at(4)
+    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 2
+    cache.close()
+    client.close()
+
+
+def test_a_store_key_with_redis_down_is_a_miss_with_no_key(disposable_redis: EmbeddedRedis) -> None:
+    cache = ResultCache(disposable_redis.url, ttl_s=60, timeout_s=0.05)
+    disposable_redis.stop()
+    assert cache.get_versioned(store_key(("m", "v", "1"), "q1", IDS, "ds")) == (None, None)
+    assert cache.stats()["errors"] == 1
+    cache.close()
 
 
 def test_async_round_trip(redis_url: str) -> None:

@@ -18,6 +18,7 @@ from loadtest_rank_app import free_port, running_rank_app, running_server
 
 from loadtest.payloads import build_payloads
 from loadtest.runner import LOCUSTFILE, REPO_ROOT, TrialResult, run_closed_loop
+from serve.metrics import STAGES
 
 pytestmark = pytest.mark.slow  # starts real Locust runs (a few seconds each)
 
@@ -75,7 +76,7 @@ def _check_trial(r: TrialResult, processes: int = 1) -> None:
     assert {"p50", "p95", "p99", "p99.9", "max", "mean"} <= set(r.latency_ms)
     assert 0 < r.latency_ms["p50"] <= r.latency_ms["p99"] <= r.latency_ms["max"]
     assert r.rps > 0 and r.docs_per_s > 0
-    assert set(r.server_timings_ms) == {"parse", "cache", "queue", "inference", "total"}
+    assert set(r.server_timings_ms) == set(STAGES)
     assert r.extra["locust"]["requests"] == r.requests  # Locust's own count agrees with ours
     _check_counts(_raw(r), processes)
 
@@ -199,6 +200,7 @@ import sys
 import uvicorn
 from export.runtime import TorchScorer
 from models.rankers import RankerConfig, build_ranker
+from serve.metrics import STAGES
 from serve.baseline import create_app
 from serve.config import ServiceConfig
 scorer = TorchScorer(build_ranker(RankerConfig(arch="mlp", n_features=136)), pointwise=True, n_features=136)

@@ -62,9 +62,10 @@ def test_shipped_profiles_are_valid_ladders(profile: str) -> None:
     assert sweep.name == profile
     assert sweep.baseline_entry() == "baseline"
     assert {100, 1000} <= set(sweep.list_sizes)
-    assert sweep.trials >= 3
+    assert sweep.trials >= (3 if profile == "full" else 2)
     names = [e.name for e in sweep.entries]
-    for step in ("baseline", "int8", "haproxy", "colocated", "msgpack", "cache"):
+    # the lab's quick ladder joins HAProxy ingress and the colocated deployment in one step (its time budget)
+    for step in ("baseline", "int8", "colocated", "msgpack", "cache", *(["haproxy"] if profile == "full" else [])):
         assert step in names
     # Each ladder step names the step before it as its base.
     ladder = [e for e in sweep.entries if e.group == "ladder"]

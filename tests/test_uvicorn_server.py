@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from loadtest_rank_app import wait_for_line
 from serving_artifacts import build_test_artifacts
@@ -20,6 +21,8 @@ from serving_artifacts import build_test_artifacts
 from export.runtime import load_scorer
 from models.paths import REPO_ROOT
 from serve.config import ServiceConfig
+from serve.encoding import encode_msgpack
+from serve.feature_store import meta_key, write_rows
 from serve.redis_server import free_port
 from serve.security import ADMIN_TOKEN_ENV
 from serve.uvicorn_server import create_app, parse_args
@@ -58,6 +61,59 @@ def test_parses_fast_and_caches_in_redis(manifest: Path, redis_url: str) -> None
     assert [r["id"] for r in first["results"]] == [r["id"] for r in second["results"]]
     served = {r["id"]: r["score"] for r in first["results"]}
     np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X), atol=1e-5)
+
+
+def results_bytes(content: bytes) -> bytes:
+    """The `results` member of an answer, as the bytes the server sent."""
+    start = content.index(b'"results":')
+    return content[start: content.index(b',"cached":', start)]
+
+
+def test_a_hit_returns_the_bytes_scores_and_order_of_the_miss_that_stored_it(manifest: Path, redis_url: str) -> None:
+    """The hit path splices the stored results into the answer: the same bytes, hence the same order
+    and scores, with a key digest and one GET in `timings_ms`, no inference."""
+    scorer = load_scorer("onnx-fp32", manifest_path=manifest)
+    ids, X = make_list(200, scorer.n_features, seed=13)
+    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, redis_url=redis_url)
+    body = encode_msgpack(f"hit-bytes-{time.time_ns()}", ids, X)
+    with TestClient(create_app(config)) as client:
+        miss, hit = (client.post("/rank", content=body, headers={"content-type": "application/msgpack"})
+                     for _ in range(2))
+    assert (miss.json()["cached"], hit.json()["cached"]) == (False, True)
+    assert results_bytes(hit.content) == results_bytes(miss.content)
+    assert hit.json()["results"] == miss.json()["results"]
+    scores = [r["score"] for r in hit.json()["results"]]
+    assert scores == sorted(scores, reverse=True)
+    timings = hit.json()["timings_ms"]
+    assert timings["inference"] == 0.0 and timings["key"] > 0 and timings["cache"] > 0
+
+
+def test_feature_store_mode_hits_skip_the_store_and_a_reload_retires_them(manifest: Path, redis_url: str) -> None:
+    """Feature-store mode keys on the ids and the store's version: a hit reads no features (no MGET),
+    and after the rows are reloaded the same request is scored again, from the new rows."""
+    scorer = load_scorer("onnx-fp32", manifest_path=manifest)
+    ids, X = make_list(40, scorer.n_features, seed=14)
+    dataset = f"uvicorn-fs-{time.time_ns()}"
+    store = redis.Redis.from_url(redis_url)
+    write_rows(store, dataset, ids, X.astype("<f4"), chunk_size=16)
+    store.hset(meta_key(dataset), mapping={"n_features": scorer.n_features})
+    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, redis_url=redis_url,
+                           feature_dataset=dataset)
+    body = {"query_id": "fs-cache", "doc_ids": ids}
+    with TestClient(create_app(config)) as client:
+        first = client.post("/rank", json=body).json()
+        mgets = store.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
+        second = client.post("/rank", json=body).json()
+        assert store.info("commandstats").get("cmdstat_mget", {}).get("calls", 0) == mgets  # no feature read
+        assert (first["cached"], second["cached"]) == (False, True) and first["results"] == second["results"]
+        assert second["timings_ms"]["features"] == 0.0 and first["timings_ms"]["features"] > 0
+        X2 = X[::-1].copy()  # other rows under the same ids
+        write_rows(store, dataset, ids, X2.astype("<f4"), chunk_size=16)
+        third = client.post("/rank", json=body).json()
+    assert third["cached"] is False
+    served = {r["id"]: r["score"] for r in third["results"]}
+    np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X2), atol=1e-5)
+    store.close()
 
 
 def test_cache_without_redis_is_refused_with_the_field_named(manifest: Path) -> None:
