@@ -20,8 +20,8 @@ venv: $(STAMP)
 
 # The lab on embedded defaults: synthetic data, a local Redis, local Ray.
 lab: venv
-	$(PY) models/train.py --arch mlp --max-seconds 60
-	$(PY) models/train.py --arch attention --max-seconds 75
+	$(PY) models/train.py --arch mlp --max-seconds 50
+	$(PY) models/train.py --arch attention --max-seconds 60
 	$(PY) export/quantize.py
 	$(PY) loadtest/openloop.py --self-test --seconds-per-step 2
 	$(PY) loadtest/sweep.py --profile quick
@@ -29,7 +29,7 @@ lab: venv
 	$(PY) loadtest/cache_ladder.py --profile quick
 	# Two-stage retrieval then ranking (docs/two_stage.md): corpus, towers, ranker, the short ladder (which
 	# builds the indexes it needs; `python export/build_index.py --all` builds every kind).
-	$(PY) models/two_stage.py --max-seconds 35 --tower-seconds 35
+	$(PY) models/two_stage.py --max-seconds 25 --tower-seconds 25
 	$(PY) loadtest/two_stage.py --profile quick
 
 # The open-loop load generator's own capacity on this machine: results/loadgen/<cpu>-selftest.md.

@@ -10,7 +10,7 @@ on the service's core, its Redis beside it, and our closed-loop generator
 - cache rows at a fixed hit ratio (50% and 90%; the full profile adds 0% to 99%): each request is, by a seeded coin, a repeat of one
   of `warm_queries` queries cached before the phase (a hit) or a query never sent before (a miss),
   so the mix does not drift with the traffic's luck;
-- a cache row under the Zipf repeat traffic of the sweep's cache-mix scenario (query popularity
+- a cache row (at `zipf_sizes`) under the Zipf repeat traffic of the sweep's cache-mix scenario (query popularity
   Zipf(s) over a large universe, from a cold cache): the hit ratio it reached is a figure.
 Each row has a latency phase at one connection (hit p50 and miss p50 split by the answer's `cached`
 flag, with their sample counts, and the server's own `timings_ms` per class) and a throughput phase
@@ -52,22 +52,24 @@ class CacheLadderProfile(BaseModel):
     hit_ratios: list[float] = Field([0.5, 0.9], description="fixed hit ratios (a 0% row is the 50% row's misses: "
                                                                "the full profile measures it)")
     zipf_s: float = Field(1.1, description="the cache-mix scenario's skew (loadtest/sweeps/*.yaml zipf_s)")
+    zipf_sizes: list[int] = Field([100], description="list sizes with a Zipf row (at 1000 documents the attention "
+                                                    "ranker answers too few requests in a short phase to warm it)")
     zipf_queries: int = Field(100_000, description="the query universe of the Zipf row")
     warm_queries: int = Field(32, ge=1, description="queries cached before a fixed-ratio phase (the hits)")
     latency_requests: int = Field(400, ge=10, description="most requests of a latency phase (one connection)")
-    latency_seconds: float = Field(2.0, gt=0)
+    latency_seconds: float = Field(1.5, gt=0)
     connections: int = Field(8, ge=1, description="connections of the throughput phase")
     feature_store_sizes: list[int] = Field([1000], description="list sizes also measured in feature-store mode "
                                                               "(ids only in the body; features read from Redis)")
     feature_store_hit_ratio: float = 0.9
-    throughput_seconds: float = Field(1.5, gt=0)
+    throughput_seconds: float = Field(1.0, gt=0)
     seed: int = 0
 
 
 PROFILES = {
     "quick": CacheLadderProfile(),  # make lab
-    "full": CacheLadderProfile(hit_ratios=[0.0, 0.25, 0.5, 0.75, 0.9, 0.99], latency_requests=2000,
-                               latency_seconds=8.0, throughput_seconds=6.0),
+    "full": CacheLadderProfile(hit_ratios=[0.0, 0.25, 0.5, 0.75, 0.9, 0.99], zipf_sizes=[100, 1000],
+                               latency_requests=2000, latency_seconds=8.0, throughput_seconds=6.0),
 }
 
 
@@ -162,7 +164,7 @@ def run_model(arch: str, profile: CacheLadderProfile, redis_url: str, work: Path
                                             timeout_s=120)
         try:
             for encoding, n_docs in prepared:
-                for setting in row_settings(profile, encoding, cache):
+                for setting in row_settings(profile, encoding, n_docs, cache):
                     clear_result_cache(redis_url)
                     traffic = Traffic(prepared[encoding, n_docs], seed=profile.seed,
                                       hit_ratio=setting.get("hit_ratio", 0.0),
@@ -180,13 +182,14 @@ def run_model(arch: str, profile: CacheLadderProfile, redis_url: str, work: Path
     return rows
 
 
-def row_settings(profile: CacheLadderProfile, encoding: str, cache: bool) -> list[dict[str, Any]]:
+def row_settings(profile: CacheLadderProfile, encoding: str, n_docs: int, cache: bool) -> list[dict[str, Any]]:
     """The rows of one list size and body encoding on a server with the cache off or on."""
     if not cache:
         return [{"mode": "uncached"}]
     if encoding == "feature-store":
         return [{"mode": "fixed", "hit_ratio": profile.feature_store_hit_ratio}]
-    return [*({"mode": "fixed", "hit_ratio": h} for h in profile.hit_ratios), {"mode": "zipf", "zipf_s": profile.zipf_s}]
+    zipf = [{"mode": "zipf", "zipf_s": profile.zipf_s}] if n_docs in profile.zipf_sizes else []
+    return [*({"mode": "fixed", "hit_ratio": h} for h in profile.hit_ratios), *zipf]
 
 
 def describe(row: dict) -> str:

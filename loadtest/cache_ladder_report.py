@@ -135,7 +135,7 @@ def findings(report: dict) -> list[str]:
                 continue
             cost, t = found
             costs = ", ".join(f"{r['model']} {r['latency']['server_ms'].get('miss', {}).get('inference', float('nan')):.2f} ms"
-                              for r in rows if r["mode"] == "uncached" and r["n_docs"] == n_docs)
+                              for r in rows if r["mode"] == "uncached" and same_list(r, r["model"], n_docs))
             verdict = (f"the cache pays for any model whose scoring takes more than {cost:.2f} ms per list"
                        if cost > 0 else "the cache pays for every model, however cheap its scoring")
             out.append(f"At {n_docs} documents and {h:.0%} hits, {verdict} (H {t['H']:.3f}, F {t['F']:.3f}, "

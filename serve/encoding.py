@@ -87,6 +87,7 @@ def parse_body(
     return _parse_json_fast(body, n_features)
 
 
+ID_TYPES = frozenset({str, int})  # exact types: a bool is not an id
 # orjson's own limit; a /rank body is 4 levels deep at most.
 MAX_JSON_DEPTH = 1024
 TOO_DEEP = f"nested deeper than {MAX_JSON_DEPTH} levels"
@@ -149,7 +150,7 @@ def _extract_fast(obj: dict[str, Any], kind: str) -> ParsedRequest | None:
         rows = obj.get("features")
         if not isinstance(ids, list):
             return None
-    if any(type(i) not in (str, int) for i in ids):
+    if not set(map(type, ids)) <= ID_TYPES:  # map(type): C-speed over 1000 ids, where a genexpr took 0.15 ms
         return None
     if kind == "feature-store":
         return ParsedRequest(qid, ids, None, kind)
@@ -245,10 +246,18 @@ def _parse_msgpack(body: bytes) -> ParsedRequest:
         except ValidationError as exc:
             raise validation_to_request_error(exc) from None
         return ParsedRequest(model.query_id, list(model.doc_ids), None, "feature-store")
-    try:
-        req = MsgpackRankRequest.model_validate(obj)
-    except ValidationError as exc:
-        raise validation_to_request_error(exc) from None
+    if (type(obj.get("query_id")) in ID_TYPES and type(obj.get("doc_ids")) is list
+            and set(map(type, obj["doc_ids"])) <= ID_TYPES and type(obj.get("n_features")) is int
+            and type(obj.get("features")) is bytes):
+        # The happy path without pydantic (about 50 us of a 1000-document body's parse): the same
+        # fields and exact types that MsgpackRankRequest accepts; anything else gets its diagnosis.
+        req = MsgpackRankRequest.model_construct(**{k: obj[k] for k in ("query_id", "doc_ids", "n_features",
+                                                                          "features")})
+    else:
+        try:
+            req = MsgpackRankRequest.model_validate(obj)
+        except ValidationError as exc:
+            raise validation_to_request_error(exc) from None
     parsed = ParsedRequest(req.query_id, list(req.doc_ids), None, "msgpack")
     data = req.features or b""
     if req.n_features < 1:
