@@ -54,7 +54,7 @@ class LadderRow(BaseModel):
     @property
     def name(self) -> str:
         precision = "fp32" if "fp32" in self.variant else "int8"
-        return f"{self.index.label} | {precision} ranker"
+        return f"{self.index.label}, {precision} ranker"
 
 
 class LadderProfile(BaseModel):

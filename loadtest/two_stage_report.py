@@ -102,7 +102,7 @@ def markdown(report: dict, plot: Path | None) -> str:
     for row in rows:
         c, stages = csv_row(row), row.get("stage_ms") or {}
         lines.append(
-            f"| {c['backend']} | {c['index']} | {c['k_candidates']} | {c['ann_recall_at_k']:.3f} | "
+            f"| {c['backend']} | {_cell(c['index'])} | {c['k_candidates']} | {c['ann_recall_at_k']:.3f} | "
             f"{c['retrieval_recall']:.3f} | {c['ndcg10']:.4f} | {c['ndcg10_ceiling']:.4f} | "
             f"{row['ndcg10'] / row['ndcg10_ceiling']:.1%} | {_fmt(c['p50_ms'])} | {_fmt(c['p99_ms'])} | "
             f"{row.get('samples') or '-'} | {_fmt(c['max_rps_under_slo'], 1)} | {c['slo_status']} | "
@@ -130,6 +130,11 @@ def markdown(report: dict, plot: Path | None) -> str:
         lines += ["", f"![NDCG@10 against p99]({plot.name})"]
     lines += ["", environment_markdown(env), ""]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A table cell's text with its pipes escaped (row names before 2026-12-01 held " | ")."""
+    return text.replace("|", "\\|")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -176,3 +181,20 @@ def write_results(report: dict, out: Path) -> Path:
     md = out / f"{name}.md"
     md.write_text(markdown(report, plot))
     return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the files again from a run's JSON (e.g. after a change of layout): no measurement."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Render a two-stage ladder's files from its JSON.")
+    parser.add_argument("json", type=Path)
+    args = parser.parse_args(argv)
+    print(write_results(json.loads(args.json.read_text()), args.json.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
