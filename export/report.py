@@ -39,6 +39,12 @@ def isa_slug(environment: dict) -> str:
     return environment["cpu"].get("arch") or "unknown-isa"
 
 
+def results_stem(environment: dict, profile: str) -> str:
+    """`<cpu>-<isa>` for a lab's quick profile (its committed run), `<cpu>-<isa>-<profile>` otherwise."""
+    base = f"{cpu_slug(environment)}-{isa_slug(environment)}"
+    return base if profile == "quick" else f"{base}-{profile}"
+
+
 def cells_frame(manifest: Manifest) -> pd.DataFrame:
     """Every benchmark cell of every variant, long format, with the variant's accuracy beside it."""
     records = []

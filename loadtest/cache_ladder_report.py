@@ -20,17 +20,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.report import cpu_slug, isa_slug
+from export.report import results_stem
+from loadtest.report_tables import fmt
 from models.environment import environment_markdown
 
 CSV_COLUMNS = ["model", "n_docs", "encoding", "traffic", "hit_ratio_reached", "hit_p50_ms", "hit_samples", "miss_p50_ms",
                "miss_samples", "p99_ms", "hit_over_uncached", "throughput_rps", "throughput_vs_uncached",
                "hit_server_ms", "hit_redis_ms", "inference_ms", "failures", "bytes_per_entry"]
-
-
-def stem(environment: dict, profile: str) -> str:
-    base = f"{cpu_slug(environment)}-{isa_slug(environment)}"
-    return base if profile == "quick" else f"{base}-{profile}"
 
 
 def traffic(row: dict) -> str:
@@ -181,9 +177,9 @@ def markdown(report: dict) -> str:
         c = csv_row(rows, row)
         table.append(
             f"| {c['model']} | {c['n_docs']} | {c['encoding']} | {c['traffic']} | {c['hit_ratio_reached']:.2f} | "
-            f"{_fmt(c['hit_p50_ms'], 3)} ({c['hit_samples']}) | {_fmt(c['miss_p50_ms'], 3)} ({c['miss_samples']}) | "
-            f"{_fmt(c['p99_ms'])} | {_fmt(c['hit_over_uncached'])} | {c['throughput_rps']:,.0f} | "
-            f"{_fmt(c['throughput_vs_uncached'])} | {row['throughput']['generator_cpu']:.0%} | {_fmt(c['hit_server_ms'], 3)} | {_fmt(c['hit_redis_ms'], 3)} | "
+            f"{fmt(c['hit_p50_ms'], 3)} ({c['hit_samples']}) | {fmt(c['miss_p50_ms'], 3)} ({c['miss_samples']}) | "
+            f"{fmt(c['p99_ms'], 2)} | {fmt(c['hit_over_uncached'], 2)} | {c['throughput_rps']:,.0f} | "
+            f"{fmt(c['throughput_vs_uncached'], 2)} | {row['throughput']['generator_cpu']:.0%} | {fmt(c['hit_server_ms'], 3)} | {fmt(c['hit_redis_ms'], 3)} | "
             f"{c['failures']} |")
     digests = report["digests_us"]
     names = list(next(iter(digests.values())))
@@ -239,14 +235,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def write_results(report: dict, out: Path) -> Path:
     """Write the .md, .csv and .json; returns the .md path."""
     out.mkdir(parents=True, exist_ok=True)
-    name = stem(report["environment"], report["profile"])
+    name = results_stem(report["environment"], report["profile"])
     rows = report["rows"]
     with (out / f"{name}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)

@@ -11,19 +11,14 @@ import csv
 import json
 from pathlib import Path
 
-from export.report import cpu_slug, isa_slug
+from export.report import results_stem
+from loadtest.report_tables import fmt
 from models.environment import environment_markdown
 
 CSV_COLUMNS = ["backend", "index", "k_candidates", "ann_recall_at_k", "retrieval_recall", "ndcg10",
                "ndcg10_ceiling", "p50_ms", "p99_ms", "max_rps_under_slo", "slo_status"]
 STAGES = ("parse", "embed", "retrieve", "features", "rank", "total")
 CEILING_SHARE = 0.95
-
-
-def stem(environment: dict, profile: str) -> str:
-    """`<cpu>-<isa>` for the lab's quick profile (the committed run), `<cpu>-<isa>-<profile>` otherwise."""
-    base = f"{cpu_slug(environment)}-{isa_slug(environment)}"
-    return base if profile == "quick" else f"{base}-{profile}"
 
 
 def csv_row(row: dict) -> dict:
@@ -104,9 +99,9 @@ def markdown(report: dict, plot: Path | None) -> str:
         lines.append(
             f"| {c['backend']} | {_cell(c['index'])} | {c['k_candidates']} | {c['ann_recall_at_k']:.3f} | "
             f"{c['retrieval_recall']:.3f} | {c['ndcg10']:.4f} | {c['ndcg10_ceiling']:.4f} | "
-            f"{row['ndcg10'] / row['ndcg10_ceiling']:.1%} | {_fmt(c['p50_ms'])} | {_fmt(c['p99_ms'])} | "
-            f"{row.get('samples') or '-'} | {_fmt(c['max_rps_under_slo'], 1)} | {c['slo_status']} | "
-            + " | ".join(_fmt(stages.get(s), 3) for s in STAGES) + " |")
+            f"{row['ndcg10'] / row['ndcg10_ceiling']:.1%} | {fmt(c['p50_ms'], 2)} | {fmt(c['p99_ms'], 2)} | "
+            f"{row.get('samples') or '-'} | {fmt(c['max_rps_under_slo'], 1)} | {c['slo_status']} | "
+            + " | ".join(fmt(stages.get(s), 3) for s in STAGES) + " |")
     generator = next((r.get("generator") for r in rows if r.get("generator")), None)
     late = [r["late_fraction"] for r in rows if r.get("late_fraction") is not None]
     lines += [
@@ -135,10 +130,6 @@ def markdown(report: dict, plot: Path | None) -> str:
 def _cell(text: str) -> str:
     """A table cell's text with its pipes escaped (row names before 2026-12-01 held " | ")."""
     return text.replace("|", "\\|")
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def write_plot(rows: list[dict], path: Path, slo_ms: float) -> Path | None:
@@ -171,7 +162,7 @@ def write_plot(rows: list[dict], path: Path, slo_ms: float) -> Path | None:
 def write_results(report: dict, out: Path) -> Path:
     """Write the four files; returns the .md path."""
     out.mkdir(parents=True, exist_ok=True)
-    name = stem(report["environment"], report["profile"])
+    name = results_stem(report["environment"], report["profile"])
     plot = write_plot(report["rows"], out / f"{name}.png", report["config"]["slo_p99_ms"])
     with (out / f"{name}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)

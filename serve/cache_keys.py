@@ -43,44 +43,37 @@ def store_version_key(dataset: str) -> str:
     return f"{STORE_VERSION_PREFIX}:{dataset}"
 
 
-def _hashlib(name: str) -> Callable[[Sequence[bytes | memoryview]], str]:
-    def digest(parts: Sequence[bytes | memoryview]) -> str:
-        h = hashlib.new(name)
+Parts = Sequence[bytes | memoryview]
+
+
+def _streaming(new: Callable[[], Any]) -> Callable[[Parts], str]:
+    """A digest over byte parts from a hasher constructor with `update` and `hexdigest` (hashlib,
+    xxhash and blake3 all have that interface)."""
+    def digest(parts: Parts) -> str:
+        h = new()
         for part in parts:
             h.update(part)
         return h.hexdigest()
     return digest
 
 
-def _xxh3_128(parts: Sequence[bytes | memoryview]) -> str:
-    h = xxhash.xxh3_128()
-    for part in parts:
-        h.update(part)
-    return h.hexdigest()
-
-
-def _blake3() -> Callable[[Sequence[bytes | memoryview]], str] | None:
+def _blake3() -> Callable[[Parts], str] | None:
     try:
         import blake3  # dev extra: measured as the issue's alternative, not used to key
     except ImportError:
         return None
-
-    def digest(parts: Sequence[bytes | memoryview]) -> str:
-        h = blake3.blake3()
-        for part in parts:
-            h.update(part)
-        return h.hexdigest()
-    return digest
+    return _streaming(blake3.blake3)
 
 
 # name -> (one-line description, digest over byte parts). The first is the one keys use.
-DIGESTS: dict[str, tuple[str, Callable[[Sequence[bytes | memoryview]], str] | None]] = {
-    "xxh3_128": ("xxhash XXH3, 128-bit: non-cryptographic, made for hashing large buffers", _xxh3_128),
+DIGESTS: dict[str, tuple[str, Callable[[Parts], str] | None]] = {
+    "xxh3_128": ("xxhash XXH3, 128-bit: non-cryptographic, made for hashing large buffers",
+                 _streaming(xxhash.xxh3_128)),
     "blake3": ("BLAKE3 (cryptographic, SIMD tree hash; the `blake3` package)", _blake3()),
-    "blake2b": ("BLAKE2b (hashlib)", _hashlib("blake2b")),
-    "sha256": ("SHA-256 (hashlib): the key's digest before issue 14", _hashlib("sha256")),
+    "blake2b": ("BLAKE2b (hashlib)", _streaming(hashlib.blake2b)),
+    "sha256": ("SHA-256 (hashlib): the key's digest before issue 14", _streaming(hashlib.sha256)),
 }
-digest = _xxh3_128
+digest = DIGESTS["xxh3_128"][1]
 
 
 def model_part(model: dict[str, str] | Sequence[str]) -> str:

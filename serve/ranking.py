@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from serve.admission import RULES, Overloaded
-from serve.cache_keys import body_key, model_part, store_key
+from serve.cache_keys import body_key, store_key
 from serve.encoding import JSON_TYPES, MSGPACK_TYPES, ParsedRequest, ParseMode, media_type, parse_body
 from serve.metrics import ServiceMetrics
 from serve.schemas import RequestError
@@ -361,7 +361,7 @@ class RankingCore:
         results = orjson.dumps(ranked_results(req.doc_ids, outcome.scores))
         # Stored under the key looked up, unless a swap happened meanwhile (another model scored it:
         # not stored, rather than a second lookup on the request path).
-        if self.cache is not None and key is not None and model_part(scored_by) == model_part(model):
+        if self.cache is not None and key is not None and scored_by == model:
             self._background(self.cache.set(key, results))
         model = scored_by
         return answer(orjson.Fragment(results), cached=False, degraded=False)
