@@ -200,12 +200,13 @@ import sys
 import uvicorn
 from export.runtime import TorchScorer
 from models.rankers import RankerConfig, build_ranker
-from serve.metrics import STAGES
-from serve.baseline import create_app
-from serve.config import ServiceConfig
+from serve.baseline import create_app, parse_args
 scorer = TorchScorer(build_ranker(RankerConfig(arch="mlp", n_features=136)), pointwise=True, n_features=136)
 scorer.variant, scorer.model, scorer.version = "torch-eager", "untrained-mlp", "test"
-app = create_app(ServiceConfig(cache=False, batching=False), scorer=scorer)
+# The baseline's own settings (no cache, no batching, no admission control: a slow CI machine's queue
+# must not turn into 503s here), with the untrained scorer.
+config, parse_mode = parse_args([])
+app = create_app(config, scorer=scorer, parse_mode=parse_mode)
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
