@@ -7,19 +7,21 @@ Redis is down), any Redis error reads as a miss, and after `failure_threshold` c
 a circuit breaker skips Redis entirely for `open_s` seconds before letting one probe through.
 
 What is stored: the answer's `results` as ready JSON bytes, spliced into the response on a hit
-(`orjson.Fragment`), so a hit neither parses nor re-serializes them. Keys: serve/cache_keys.py.
+(`orjson.Fragment`), so a hit neither parses nor re-serializes them (serve/ranking.py
+`cached_value`). Keys: serve/cache_keys.py.
 
 Usage::
 
     from serve.cache import AsyncResultCache, ResultCache
-    from serve.cache_keys import body_key, store_key
+    from serve.cache_keys import rank_key
 
     cache = ResultCache(url, ttl_s=300, timeout_s=0.05)       # sync; AsyncResultCache for async def
-    key = body_key(model, query_id, doc_ids, features)
-    body = cache.get(key)               # bytes, or None on a miss, an error or an open breaker
-    cache.set(key, orjson.dumps(results))  # True if stored
-    # feature-store mode: the store's version is read in the same round trip as the answer
-    body, key = cache.get_versioned(store_key(model, query_id, doc_ids, dataset))  # key None: not known
+    key = rank_key(model, "application/msgpack", body, max_docs=5000, dataset=None)
+    value = cache.get(key)              # bytes, or None on a miss, an error or an open breaker
+    cache.set(key, value)               # True if stored
+    # with a feature store: the store's version is read in the same round trip as the answer
+    value, key = cache.get_versioned(rank_key(model, media, body, max_docs=5000, dataset="synthetic"))
+    # key None: Redis did not say which version the store is at (do not store)
     cache.stats()  # {"hits", "misses", "errors", "sets", "bypassed", "breaker_opens", "breaker_open"}
 
     acache = AsyncResultCache(url)      # same options; use from one event loop

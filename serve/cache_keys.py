@@ -2,24 +2,31 @@
 
 Why a key holds what it holds:
 - the model's name, variant and version: a new model never serves an old model's answer;
-- features sent in the body: a digest of the query id, the document ids in order and the features
-  (little-endian float32 bytes with their shape), so any feature change changes the key;
-- features read from the store (feature-store mode, /search): no features to hash, only the ids,
-  plus the store's dataset version, a counter every load bumps (serve/feature_store.py). The
-  version is read in the same Redis round trip as the cached answer (`VersionedKey`, with the
-  script in serve/cache.py), so a reloaded store retires every answer computed from the old rows.
+- a /rank answer: the request's own bytes (its media type and body), hashed before anything parses
+  them, so a hit skips parsing and validation (0.2-0.6 ms of a 1000-document hit). That is sound
+  because only a request that was parsed, validated and answered is ever stored: equal bytes are the
+  same valid request. Any change to the query id, a document id, their order or a feature changes the
+  bytes, hence the key. The rule that could refuse a stored request (`max_docs`) is in the key too.
+  (Equal requests spelled differently, `1.0` and `1.00`, get two entries: the price of not parsing.)
+- features read from the store (feature-store mode, /search): the store's dataset version, a counter
+  every load bumps (serve/feature_store.py). The version is read in the same Redis round trip as the
+  cached answer (`VersionedKey`, with the script in serve/cache.py), so a reloaded store retires
+  every answer computed from the old rows. On a server with a feature store every /rank key holds it
+  (the bytes do not say whether features came with them before parsing).
 
 The digest is XXH3-128 (xxhash), chosen by measurement: `python serve/cache_keys.py` times every
-candidate in `DIGESTS` over a 1000-document feature matrix (544 KB); the cache ladder's report
+candidate in `DIGESTS` over a 1000-document msgpack body (544 KB); the cache ladder's report
 (loadtest/cache_ladder.py) records the same table beside its figures. A collision would need two
 different requests with equal 128-bit hashes: no adversary can make a client's own cache serve
 another client's answer that it could not request directly, so a cryptographic digest buys nothing.
 
 Usage::
 
-    from serve.cache_keys import body_key, store_key
-    key = body_key(model, query_id, doc_ids, features)          # str: GET/SET it
-    vkey = store_key(model, query_id, doc_ids, "synthetic")     # VersionedKey: cache.get_versioned(vkey)
+    from serve.cache_keys import rank_key, search_key
+    key = rank_key(model, "application/msgpack", body, max_docs=5000, dataset=None)  # str: GET/SET it
+    vkey = rank_key(model, "application/msgpack", body, max_docs=5000, dataset="synthetic")
+    # a VersionedKey: cache.get_versioned(vkey) reads the version and the answer in one round trip
+    vkey = search_key(model, "two_stage", settings, embedding_bytes)
 """
 
 from __future__ import annotations
@@ -31,10 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 import xxhash
 
-KEY_PREFIX = "rankserve:result:v2"
+KEY_PREFIX = "rankserve:result:v3"
 STORE_VERSION_PREFIX = "rankserve:features-version"
 
 
@@ -82,24 +88,6 @@ def model_part(model: dict[str, str] | Sequence[str]) -> str:
     return f"{name}:{variant}:{version}"
 
 
-def ids_bytes(query_id: str | int, doc_ids: Sequence[Any]) -> bytes:
-    """The query id and document ids in order, in their JSON form ("1" and 1 differ, as in answers)."""
-    return orjson.dumps([query_id, list(doc_ids)], option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def feature_parts(features: np.ndarray) -> list[bytes | memoryview]:
-    """The features as little-endian float32 with their shape: 1.0 and 1.00 hash the same. No copy
-    when they already are (a msgpack body's matrix): the digest reads the array's own buffer."""
-    array = np.ascontiguousarray(features, dtype="<f4")
-    return [repr(array.shape).encode(), array.reshape(-1).view(np.uint8).data]
-
-
-def body_key(model: dict[str, str] | Sequence[str], query_id: str | int, doc_ids: Sequence[Any],
-             features: np.ndarray) -> str:
-    """The key of a /rank answer whose features came in the body."""
-    return f"{KEY_PREFIX}:{model_part(model)}:{digest([ids_bytes(query_id, doc_ids), *feature_parts(features)])}"
-
-
 @dataclass(frozen=True)
 class VersionedKey:
     """A key that holds the feature store's dataset version, known only once Redis is asked:
@@ -115,21 +103,36 @@ class VersionedKey:
         return f"{self.head}{version}{self.tail}"
 
 
-def store_key(model: dict[str, str] | Sequence[str], query_id: str | int, doc_ids: Sequence[Any],
-              dataset: str, *extra: bytes) -> VersionedKey:
-    """The key of an answer whose features come from the store `dataset`: ids (and `extra` bytes,
-    e.g. a /search request's embedding and settings) plus the dataset's version."""
-    hashed = digest([ids_bytes(query_id, doc_ids), *extra])
-    return VersionedKey(store_version_key(dataset), f"{KEY_PREFIX}:{model_part(model)}:store-{dataset}@",
-                        f":{hashed}")
+def _key(model: dict[str, str] | Sequence[str], kind: str, parts: Parts, dataset: str | None) -> str | VersionedKey:
+    head = f"{KEY_PREFIX}:{model_part(model)}:{kind}"
+    if dataset is None:
+        return f"{head}:{digest(parts)}"
+    return VersionedKey(store_version_key(dataset), f"{head}:store-{dataset}@", f":{digest(parts)}")
+
+
+def rank_key(model: dict[str, str] | Sequence[str], media_type: str, body: bytes | memoryview, *, max_docs: int,
+             dataset: str | None) -> str | VersionedKey:
+    """The key of a /rank answer: the model, the body's media type and bytes, `max_docs`, and (a
+    server with a feature store, `dataset` set) the store's version."""
+    return _key(model, f"rank-max{max_docs}", [media_type.encode(), b"\n", body], dataset)
+
+
+def search_key(model: dict[str, str] | Sequence[str], dataset: str, *parts: bytes) -> VersionedKey:
+    """The key of an answer ranked over features from the store `dataset` (/search): `parts` (the
+    request's embedding and settings) plus the dataset's version."""
+    key = _key(model, "search", parts, dataset)
+    assert isinstance(key, VersionedKey)
+    return key
 
 
 def time_digests(n_docs: int = 1000, n_features: int = 136, repeats: int = 200) -> dict[str, float | None]:
-    """Median microseconds of each digest in DIGESTS over one request's key input (ids and a float32
-    feature matrix of n_docs x n_features); None where the package is not installed."""
+    """Median microseconds of each digest in DIGESTS over one request's key input (a msgpack body of
+    n_docs ids and an n_docs x n_features float32 matrix); None where the package is not installed."""
+    from serve.encoding import encode_msgpack
+
     rng = np.random.default_rng(0)
     features = rng.standard_normal((n_docs, n_features)).astype("<f4")
-    parts = [ids_bytes("q-1", [f"d-{i}" for i in range(n_docs)]), *feature_parts(features)]
+    parts = [b"application/msgpack", b"\n", encode_msgpack("q-1", [f"d-{i}" for i in range(n_docs)], features)]
     timings: dict[str, float | None] = {}
     for name, (_description, fn) in DIGESTS.items():
         if fn is None:

@@ -1,7 +1,8 @@
 """The ranking core shared by every server: the Ray Serve app (both topologies), plain uvicorn, the baseline.
 
-One request goes: read the body under a size limit -> parse (serve/encoding.py) -> validate against
-the model -> (feature store) -> cache lookup -> score under a deadline -> sort best first -> cache
+One request goes: read the body under a size limit -> cache lookup on the body's own bytes (a hit
+answers here, unparsed: serve/cache_keys.py says why that is sound) -> parse (serve/encoding.py) ->
+validate against the model -> (feature store) -> score under a deadline -> sort best first -> cache
 store. Every server calls `RankingCore.handle` with its own `ScoringBackend` (a scorer in the same
 process: `LocalBackend` on uvicorn, the colocated replica itself on Ray; or a handle to split's
 batched ranker deployment), so validation, error messages, fallback and timings are the same code.
@@ -26,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from serve.admission import RULES, Overloaded
-from serve.cache_keys import body_key, store_key
+from serve.cache_keys import rank_key
 from serve.encoding import JSON_TYPES, MSGPACK_TYPES, ParsedRequest, ParseMode, media_type, parse_body
 from serve.metrics import ServiceMetrics
 from serve.schemas import RequestError
@@ -203,6 +204,20 @@ def fallback_results(doc_ids: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"id": doc_id, "score": None} for doc_id in doc_ids]
 
 
+def cached_value(query_id: str | int, encoding: str, results: bytes) -> bytes:
+    """What the cache stores for a /rank answer: a header line (the query id, which a hit cannot parse
+    from the body, and the body's encoding, for metrics), then the results' JSON, spliced as is."""
+    return orjson.dumps([query_id, encoding]) + b"\n" + results
+
+
+def _answer(query_id: Any, model: dict[str, str], results: Any, timings: dict[str, float], start: float, *,
+            cached: bool = False, degraded: bool = False) -> dict[str, Any]:
+    """A /rank answer; `results` a list, or ready JSON bytes (orjson.Fragment) scored now or cached."""
+    timings["total"] = (time.perf_counter() - start) * 1000
+    return {"query_id": query_id, "model": model, "results": results, "cached": cached, "degraded": degraded,
+            "timings_ms": timings}
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw body, refusing (413) anything over max_bytes: by Content-Length before reading,
     and by the bytes actually read (a missing or lying Content-Length)."""
@@ -277,58 +292,53 @@ class RankingCore:
             logger.warning("model info unavailable: %s", exc)
             self.metrics.observe_request(503, "unknown", None)
             return 503, {"detail": "model: not loaded yet, retry later", "field": "model", "rule": "must be loaded"}
+        model = {k: info[k] for k in ("name", "variant", "version")}
+        timings = {"read": read_ms, "parse": 0.0, "key": 0.0, "cache": 0.0, "features": 0.0, "queue": 0.0,
+                   "inference": 0.0, "total": 0.0}
         encoding = "unknown"
+        key: str | None = None
         try:
+            if self.cache is not None:  # before parsing: a hit is answered from the body's bytes alone
+                key, hit = await self._cache_lookup(body, content_type, model, timings)
+                if hit is not None:
+                    self.metrics.observe_cache("hit")
+                    header, results = hit.split(b"\n", 1)
+                    query_id, encoding = orjson.loads(header)
+                    response = _answer(query_id, model, orjson.Fragment(results), timings, start, cached=True)
+                    self.metrics.observe_request(200, encoding, timings)
+                    return 200, response
             t = time.perf_counter()
             parsed = parse_body(body, content_type, mode=self.parse_mode, n_features=info["n_features"])
             encoding = parsed.encoding
             validate_request(parsed, info["n_features"], self.max_docs)
-            parse_ms = (time.perf_counter() - t) * 1000
-            status, response = await self._rank(parsed, info, read_ms, parse_ms, start)
+            timings["parse"] = (time.perf_counter() - t) * 1000
+            status, response = await self._rank(parsed, model, info["n_features"], key, timings, start)
         except RequestError as exc:
             self.metrics.observe_request(exc.status, encoding, None)
             return exc.status, exc.to_dict()
         self.metrics.observe_request(status, encoding, response["timings_ms"])
         return status, response
 
-    async def _rank(
-        self, req: ParsedRequest, info: dict[str, Any], read_ms: float, parse_ms: float, start: float
-    ) -> tuple[int, dict[str, Any]]:
-        timings = {"read": read_ms, "parse": parse_ms, "key": 0.0, "cache": 0.0, "features": 0.0, "queue": 0.0,
-                   "inference": 0.0, "total": 0.0}
-        model = {k: info[k] for k in ("name", "variant", "version")}
+    async def _rank(self, req: ParsedRequest, model: dict[str, str], n_features: int, key: str | None,
+                    timings: dict[str, float], start: float) -> tuple[int, dict[str, Any]]:
+        """Score a parsed, valid request that missed the cache; store a good answer under `key`."""
 
-        def answer(results: Any, *, cached: bool, degraded: bool) -> tuple[int, dict[str, Any]]:
-            timings["total"] = (time.perf_counter() - start) * 1000
-            return 200, {
-                "query_id": req.query_id,
-                "model": model,
-                "results": results,  # a list, or ready JSON bytes (orjson.Fragment) from the cache
-                "cached": cached,
-                "degraded": degraded,
-                "timings_ms": timings,
-            }
+        def answer(results: Any, *, degraded: bool) -> tuple[int, dict[str, Any]]:
+            return 200, _answer(req.query_id, model, results, timings, start, degraded=degraded)
 
         features = req.features
-        key: str | None = None
-        if self.cache is not None:  # looked up before the feature store: a hit needs no features
-            key, hit = await self._cache_lookup(req, model, timings)
-            if hit is not None:
-                self.metrics.observe_cache("hit")
-                return answer(orjson.Fragment(hit), cached=True, degraded=False)
-
         if features is None:
             t = time.perf_counter()
             features = await self._read_features(req)
             timings["features"] = (time.perf_counter() - t) * 1000
-            if features is not None and features.shape != (req.n_docs, info["n_features"]):
+            if features is not None and features.shape != (req.n_docs, n_features):
                 # The store holds another dataset than the model was trained on: our mistake, not the client's.
                 logger.error("feature store rows have shape %s, the model expects %d features: degraded answer",
-                             features.shape, info["n_features"])
+                             features.shape, n_features)
                 features = None
             if features is None:
                 self.metrics.observe_degraded("feature_store")
-                return answer(fallback_results(req.doc_ids), cached=False, degraded=True)
+                return answer(fallback_results(req.doc_ids), degraded=True)
 
         try:
             # A short list is scored right away (no task, no timer: it takes well under a millisecond),
@@ -345,11 +355,11 @@ class RankingCore:
         except (asyncio.TimeoutError, TimeoutError):
             logger.warning("query %r passed the %.0f ms deadline: degraded answer", req.query_id, self.deadline_ms)
             self.metrics.observe_degraded("deadline")
-            return answer(fallback_results(req.doc_ids), cached=False, degraded=True)
+            return answer(fallback_results(req.doc_ids), degraded=True)
         except Exception:  # any inference failure: answer the fallback rather than a 500
             logger.exception("inference failed for query %r: degraded answer", req.query_id)
             self.metrics.observe_degraded("error")
-            return answer(fallback_results(req.doc_ids), cached=False, degraded=True)
+            return answer(fallback_results(req.doc_ids), degraded=True)
 
         scored_by = outcome.model  # the version that actually scored it (a swap may be under way)
         timings["queue"] = outcome.queue_ms
@@ -362,24 +372,24 @@ class RankingCore:
         # Stored under the key looked up, unless a swap happened meanwhile (another model scored it:
         # not stored, rather than a second lookup on the request path).
         if self.cache is not None and key is not None and scored_by == model:
-            self._background(self.cache.set(key, results))
+            self._background(self.cache.set(key, cached_value(req.query_id, req.encoding, results)))
         model = scored_by
-        return answer(orjson.Fragment(results), cached=False, degraded=False)
+        return answer(orjson.Fragment(results), degraded=False)
 
-    async def _cache_lookup(self, req: ParsedRequest, model: dict[str, str],
+    async def _cache_lookup(self, body: bytes, content_type: str | None, model: dict[str, str],
                             timings: dict[str, float]) -> tuple[str | None, bytes | None]:
-        """(the key to store this answer under, the cached results or None). Features in the body are
-        hashed into the key; in feature-store mode the key holds the store's version, read in the same
-        round trip as the answer. A Redis error or an open breaker counts as an error, not a miss."""
+        """(the key to store this answer under, the cached value or None). With a feature store the
+        key holds the store's version, read in the same round trip as the answer. A Redis error or an
+        open breaker counts as an error, not a miss."""
         failures_before = _cache_failures(self.cache)
         t = time.perf_counter()
-        if req.features is not None:
-            key: str | None = body_key(model, req.query_id, req.doc_ids, req.features)
-            t_get = time.perf_counter()
-            hit = await self.cache.get(key)
+        dataset = self.feature_dataset if self.feature_store is not None else None
+        vkey = rank_key(model, media_type(content_type), body, max_docs=self.max_docs, dataset=dataset)
+        t_get = time.perf_counter()
+        if isinstance(vkey, str):
+            key: str | None = vkey
+            hit = await self.cache.get(vkey)
         else:
-            vkey = store_key(model, req.query_id, req.doc_ids, self.feature_dataset)
-            t_get = time.perf_counter()
             hit, key = await self.cache.get_versioned(vkey)
         end = time.perf_counter()
         timings["key"] = (t_get - t) * 1000

@@ -30,7 +30,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from serve.cache_keys import VersionedKey, store_key
+from serve.cache_keys import VersionedKey, search_key
 from serve.encoding import MSGPACK_TYPES, media_type
 from serve.index_config import IndexUnavailableError
 from serve.metrics import ServiceMetrics
@@ -89,7 +89,7 @@ def cache_key(ranker: dict[str, str], index_label: str, req: SearchRequest, embe
     a new model, another index or reloaded rows never serve an old answer; the query is its embedding
     (float32 bytes), so equal queries share it."""
     settings = orjson.dumps(["search", index_label, req.k, req.candidates])
-    return store_key(ranker, "", (), dataset, settings, np.ascontiguousarray(embedding, dtype="<f4").tobytes())
+    return search_key(ranker, dataset, settings, np.ascontiguousarray(embedding, dtype="<f4").tobytes())
 
 
 @dataclass

@@ -14,12 +14,30 @@ import pytest
 import redis
 
 from serve.cache import AsyncResultCache, CircuitBreaker, ResultCache
-from serve.cache_keys import body_key, store_key
+from serve.cache_keys import VersionedKey, rank_key, search_key
+from serve.encoding import encode_msgpack
 from serve.feature_store import store_version, write_rows
 from serve.redis_server import EmbeddedRedis
 
 IDS = ["d1", "d2", "d3"]
 FEATURES = [[1.0, 2.5, -3.0], [0.0, 4.0, 5.0], [7.0, 8.0, 9.0]]
+
+
+def body_key(model: tuple[str, str, str], query_id: str, ids: list, features: object, *, max_docs: int = 5000,
+             media: str = "application/msgpack") -> str:
+    """The key of a msgpack /rank body of these ids and features, on a server without a feature store."""
+    body = encode_msgpack(query_id, list(ids), np.asarray(features, dtype=np.float32))
+    key = rank_key(model, media, body, max_docs=max_docs, dataset=None)
+    assert isinstance(key, str)
+    return key
+
+
+def store_key(model: tuple[str, str, str], query_id: str, ids: list, dataset: str) -> VersionedKey:
+    """The key of a feature-store /rank body (ids only, JSON) on a server with the store `dataset`."""
+    body = f'{{"query_id": "{query_id}", "doc_ids": {list(ids)!r}}}'.replace("'", '"').encode()
+    key = rank_key(model, "application/json", body, max_docs=5000, dataset=dataset)
+    assert isinstance(key, VersionedKey)
+    return key
 
 
 def unique_key() -> str:
@@ -38,12 +56,17 @@ def wait_until(condition, timeout_s: float = 5.0) -> bool:
 # ---- keys (pure logic) ------------------------------------------------------------------------
 
 
-def test_key_is_canonical_over_float_spelling_and_dtype() -> None:
+def test_key_is_the_request_bytes_with_its_media_type_and_rules() -> None:
+    """A /rank key hashes the body as sent (no parsing): the same bytes, the same key; the same request
+    spelled otherwise, or under another media type or document limit, another key."""
     a = body_key(("m", "v", "1"), "q1", IDS, FEATURES)
-    b = body_key(("m", "v", "1"), "q1", list(IDS), [[1.00, 2.50, -3.000], [0, 4, 5], [7.0, 8.0, 9.0]])
-    c = body_key(("m", "v", "1"), "q1", tuple(IDS), np.array(FEATURES, dtype=np.float64))
-    assert a == b == c
-    assert a.startswith("rankserve:result:v2:m:v:1:")
+    assert a == body_key(("m", "v", "1"), "q1", list(IDS), np.array(FEATURES, dtype=np.float64))  # same bytes
+    assert a.startswith("rankserve:result:v3:m:v:1:rank-max5000:")
+    assert body_key(("m", "v", "1"), "q1", IDS, FEATURES, max_docs=10) != a
+    assert body_key(("m", "v", "1"), "q1", IDS, FEATURES, media="application/x-msgpack") != a
+    spelled = [rank_key(("m", "v", "1"), "application/json", b, max_docs=5000, dataset=None)
+               for b in (b'{"query_id": "q1", "doc_ids": [1]}', b'{"query_id":"q1","doc_ids":[1]}')]
+    assert spelled[0] != spelled[1]
 
 
 def test_key_changes_with_order_features_ids_and_model() -> None:
@@ -55,6 +78,7 @@ def test_key_changes_with_order_features_ids_and_model() -> None:
     assert body_key(("m", "v2", "1"), "q1", IDS, FEATURES) != base
     assert body_key(("m2", "v", "1"), "q1", IDS, FEATURES) != base
     assert store_key(("m", "v", "1"), "q1", [1, 2], "ds").at(1) != store_key(("m", "v", "1"), "q1", ["1", "2"], "ds").at(1)
+    assert body_key(("m", "v", "1"), "q1", IDS[:2] + ["d4"], FEATURES) != base  # any document id
     # the same numbers with another shape are another request
     flat = np.array(FEATURES, dtype=np.float32).reshape(1, 9)
     assert body_key(("m", "v", "1"), "q1", IDS, flat) != base
@@ -140,8 +164,11 @@ def test_store_keys_change_with_the_model_the_ids_their_order_and_the_store_vers
     assert base.at(3) == base.at(b"3") != base.at(4)
     for other in (store_key(("m", "v", "2"), "q1", IDS, "ds"), store_key(("m", "v2", "1"), "q1", IDS, "ds"),
                   store_key(("m", "v", "1"), "q1", IDS[::-1], "ds"), store_key(("m", "v", "1"), "q2", IDS, "ds"),
-                  store_key(("m", "v", "1"), "q1", IDS, "ds2"), store_key(("m", "v", "1"), "q1", IDS, "ds", b"x")):
+                  store_key(("m", "v", "1"), "q1", IDS, "ds2")):
         assert other.at(3) != base.at(3)
+    search = search_key(("m", "v", "1"), "ds", b"settings", b"embedding")
+    assert search.version_key == base.version_key and search.at(3) != base.at(3)
+    assert search_key(("m", "v", "1"), "ds", b"settings", b"other").at(3) != search.at(3)
 
 
 def test_reloading_the_store_changes_the_key_and_retires_old_answers(redis_url: str) -> None:

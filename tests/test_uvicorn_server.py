@@ -84,8 +84,32 @@ def test_a_hit_returns_the_bytes_scores_and_order_of_the_miss_that_stored_it(man
     assert hit.json()["results"] == miss.json()["results"]
     scores = [r["score"] for r in hit.json()["results"]]
     assert scores == sorted(scores, reverse=True)
+    assert hit.json()["query_id"] == miss.json()["query_id"]
     timings = hit.json()["timings_ms"]
-    assert timings["inference"] == 0.0 and timings["key"] > 0 and timings["cache"] > 0
+    # answered from the body's bytes: no parsing, no inference
+    assert timings["parse"] == timings["inference"] == 0.0 and timings["key"] > 0 and timings["cache"] > 0
+
+
+def test_only_valid_answered_requests_are_stored_and_a_hit_echoes_the_query_id(manifest: Path,
+                                                                                redis_url: str) -> None:
+    """A hit is answered before parsing, so the cache must hold nothing but answers to valid requests:
+    an invalid body is refused every time (never stored), and a hit gives back the request's own
+    query id, an integer as an integer."""
+    scorer = load_scorer("onnx-fp32", manifest_path=manifest)
+    ids, X = make_list(5, scorer.n_features, seed=15)
+    config = ServiceConfig(variant="onnx-fp32", manifest_path=str(manifest), cache=True, redis_url=redis_url)
+    query_id = time.time_ns()
+    duplicate = {"query_id": query_id, "doc_ids": [ids[0], *ids[:-1]], "features": X.tolist()}
+    good = {"query_id": query_id, "doc_ids": ids, "features": X.tolist()}
+    with TestClient(create_app(config)) as client:
+        refused = [client.post("/rank", json=duplicate) for _ in range(2)]
+        assert [r.status_code for r in refused] == [422, 422]
+        assert refused[1].json()["field"] == "doc_ids[1]"
+        answers = [client.post("/rank", json=good).json() for _ in range(2)]
+        stats = client.app.state.core.cache.stats()
+    assert [a["cached"] for a in answers] == [False, True]
+    assert answers[1]["query_id"] == query_id and answers[1]["results"] == answers[0]["results"]
+    assert stats["sets"] == 1  # the valid request only
 
 
 def test_feature_store_mode_hits_skip_the_store_and_a_reload_retires_them(manifest: Path, redis_url: str) -> None:
