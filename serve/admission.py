@@ -5,7 +5,7 @@ so every answer is late (or degraded) and the backlog outlives the overload. Ref
 once keeps the admitted requests within the SLO and tells clients when to come back.
 
 Two bounds, checked per process (a plain-uvicorn server, or one Ray replica) before the request is
-routed (plain uvicorn decides earlier still, in its HTTP protocol: serve/early_refusal.py):
+routed (plain uvicorn decides earlier still, in its HTTP protocol: serve/http_protocol.py):
 
 - **queue delay**: how long this request may have waited before its handler ran. A short list is
   scored on the event loop itself (serve/ranking.py), so under overload the requests read in one pass
@@ -117,7 +117,7 @@ class AdmissionControl:
         self.standing = False  # overload: the bound is admission_queue_ms
         self._long_wait_at = 0.0  # the last wait of admission_queue_ms or more
         self._long_waits = 0  # long waits in a row
-        if publish is not None:  # where the HTTP protocol finds this gate (serve/early_refusal.py)
+        if publish is not None:  # where the HTTP protocol finds this gate (serve/http_protocol.py)
             publish(self)
 
     def _end_pass(self) -> None:
@@ -177,7 +177,7 @@ class AdmissionControl:
 
     def refuse_before_asgi(self) -> bytes | None:
         """The same decision taken by the HTTP protocol as soon as a request's headers are read
-        (serve/early_refusal.py): the whole 503 response as bytes to write, or None. A request it
+        (serve/http_protocol.py): the whole 503 response as bytes to write, or None. A request it
         lets through is decided again by the middleware when its task runs, after the requests read
         before it in the same pass of the loop: only then is its wait known."""
         reason = self.refusal(self._clock())

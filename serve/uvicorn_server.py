@@ -117,13 +117,13 @@ def serve_forever(app: FastAPI, config: ServiceConfig, *, freeze_heap: bool = Tr
     if freeze_heap:
         freeze_startup_objects()
 
-    from serve.early_refusal import refusing_protocol
+    from serve.http_protocol import http_protocol
 
     # Build Starlette's middleware stack now, so admission's gate is published before the first
-    # request and the protocol can refuse from the start (serve/early_refusal.py).
+    # request and the protocol can refuse from the start (serve/http_protocol.py).
     app.middleware_stack = app.build_middleware_stack()
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           http=refusing_protocol(app)))
+                                           http=http_protocol(app)))
 
     def announce() -> None:
         for _ in range(600):

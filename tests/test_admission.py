@@ -336,7 +336,7 @@ def _read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 
 def test_plain_uvicorn_refuses_in_its_protocol_and_keeps_the_connection() -> None:
-    """serve/early_refusal.py on a real uvicorn server and real sockets: with the in-flight slot held,
+    """serve/http_protocol.py on a real uvicorn server and real sockets: with the in-flight slot held,
     a POST /rank is refused by the HTTP protocol before its body is read (the middleware never sees
     it); the body that follows is dropped, and the same keep-alive connection serves the next request."""
     import threading
@@ -344,7 +344,7 @@ def test_plain_uvicorn_refuses_in_its_protocol_and_keeps_the_connection() -> Non
     import uvicorn
     from fastapi import FastAPI
 
-    from serve.early_refusal import refusing_protocol
+    from serve.http_protocol import http_protocol
 
     app = FastAPI()
     release = threading.Event()
@@ -375,7 +375,7 @@ def test_plain_uvicorn_refuses_in_its_protocol_and_keeps_the_connection() -> Non
     app.middleware_stack = app.build_middleware_stack()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           http=refusing_protocol(app)))
+                                           http=http_protocol(app)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     payload = b"x" * 300_000  # larger than one read: the rest arrives after the refusal

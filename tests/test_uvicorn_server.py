@@ -3,6 +3,7 @@ cache, a model swap in-process; and its CLI on a real port, as the sweep starts 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from models.paths import REPO_ROOT
 from serve.config import ServiceConfig
 from serve.encoding import encode_msgpack
 from serve.feature_store import meta_key, write_rows
+from serve.http_protocol import BODY_HIGH_WATER
 from serve.redis_server import free_port
 from serve.security import ADMIN_TOKEN_ENV
 from serve.uvicorn_server import create_app, parse_args
@@ -192,6 +194,16 @@ def test_cli_serves_and_stops_on_sigterm(manifest: Path, script: str) -> None:
             served = {r["id"]: r["score"] for r in resp.json()["results"]}
             np.testing.assert_allclose([served[i] for i in ids], scorer.score_documents(X), atol=1e-5)
             assert client.get(f"http://127.0.0.1:{port}/readyz").json()["model_loaded"] is True
+            # bodies over the protocol's hand-over mark arrive in pieces (serve/http_protocol.py)
+            for n_docs, encoding in [(1000, "msgpack"), (2500, "json")]:
+                big_ids, big_X = make_list(n_docs, scorer.n_features, seed=9)
+                body, ctype = ((encode_msgpack("big", big_ids, big_X), "application/msgpack") if encoding == "msgpack"
+                               else (json.dumps({"query_id": "big", "doc_ids": big_ids,
+                                                 "features": big_X.tolist()}).encode(), "application/json"))
+                assert (len(body) > BODY_HIGH_WATER) == (encoding == "json")
+                resp = client.post(f"http://127.0.0.1:{port}/rank", content=body, headers={"content-type": ctype})
+                assert resp.status_code == 200, resp.text[:300]
+                assert sorted(r["id"] for r in resp.json()["results"]) == big_ids
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, lines
     finally:
