@@ -15,7 +15,7 @@ uvicorn (serve/uvicorn_server.py) and the baseline serve the same routes, writte
 Scoring in a replica (`ReplicaScorer`: the colocated replica, split's ranker): the variant comes from
 the deployment's `user_config` (variant, model, threads, inline_max_docs, batching). A list of at most
 `inline_max_docs` documents is scored on the replica's event loop (cheaper than the thread hop: see
-serve/ranking.py's `timed_score`); a longer one, and every batch, in a dedicated inference thread pool
+serve/scoring.py's `timed_score`); a longer one, and every batch, in a dedicated inference thread pool
 (ONNX Runtime releases the GIL). With batching,
 `@serve.batch` batches on the total number of documents (`batch_size_fn`), not the number of
 requests; a list larger than the batch budget is scored on its own; `max_ongoing_requests` is at
@@ -55,8 +55,8 @@ from serve.admission import Overloaded
 from serve.config import MODEL_FIELDS, ServiceConfig
 from serve.http_app import HttpService, build_http_app, freeze_startup_objects
 from serve.metrics import ServiceMetrics
-from serve.ranking import ScoreOutcome, local_outcome, model_identity, model_of, name_of, timed_score
 from serve.ray_setup import DEPLOYMENT_SHUTDOWN_OPTIONS, ray_metrics_enabled
+from serve.scoring import ScoreOutcome, local_outcome, model_identity, model_of, name_of, timed_score
 
 logger = logging.getLogger("ray.serve")
 RANKER_FIELDS = frozenset(ServiceConfig().ranker_user_config())
@@ -308,6 +308,9 @@ def deployment_options(config: ServiceConfig) -> dict[str, dict[str, Any]]:
 
 def build_app(config: ServiceConfig) -> serve.Application:
     """The Serve application for one configuration."""
+    if config.experiment is not None:
+        raise ValueError("experiment: served by plain uvicorn (serve/uvicorn_server.py --experiment) in this "
+                         "version, not by the Ray Serve app")
     options = deployment_options(config)
     if config.topology == "colocated":
         service = RankingService.options(**options["RankingService"]).options(

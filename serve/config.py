@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.experiment import ExperimentConfig
 from serve.index_config import IndexConfig
 
 DEFAULT_VARIANT = "onnx-int8-dynamic"
@@ -45,7 +46,7 @@ class ServiceConfig(BaseModel):
     inline_max_docs: int = Field(
         256, ge=0,
         description="lists of at most this many documents are scored on the event loop, not in the "
-                    "inference threads: a short call costs less than the thread hop (see serve/ranking.py); 0: never",
+                    "inference threads: a short call costs less than the thread hop (see serve/scoring.py timed_score); 0: never",
     )
 
     # Dynamic batching (`@serve.batch` in each scoring replica), flushed on a budget of documents.
@@ -125,6 +126,10 @@ class ServiceConfig(BaseModel):
     search_variant: str = Field(DEFAULT_VARIANT, description="its variant")
     search_dataset: str = Field("two_stage", description="feature-store dataset of the candidates' rows")
     search_max_candidates: int = Field(2000, ge=1, description="most candidates (K) one /search may ask for")
+
+    # Online experiment (serve/experiment.py): plain uvicorn only in this version.
+    experiment: ExperimentConfig | None = Field(
+        None, description="an A/B split between arms or team-draft interleaving of two; None: the model above answers")
 
     # Request limits and fallback.
     deadline_ms: float = Field(1000.0, gt=0, description="past it the answer is the degraded fallback")

@@ -1,6 +1,7 @@
 """The one HTTP API of every ranking server: a FastAPI app built once, over an `HttpService`.
 
-Routes: `POST /rank`, `POST /search` (two-stage: serve/search.py), `GET /healthz`, `GET /readyz`, `GET /metrics`, `POST /admin/model`, and the
+Routes: `POST /rank`, `POST /search` (two-stage: serve/search.py), `GET /healthz`, `GET /readyz`, `GET /metrics`,
+`POST /admin/model`, `PUT|GET|DELETE /admin/experiment` (serve/experiment.py), and the
 OpenAPI (`/openapi.json`, `/docs`). The Ray Serve deployments (serve/app.py, through
 `serve.ingress(builder)`), the plain-uvicorn server (serve/uvicorn_server.py) and the baseline
 (serve/baseline.py) all serve `build_http_app(...)`, so the endpoints are written once and a
@@ -28,8 +29,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from serve.admission import RETRY_AFTER_S, AdmissionControl, AdmissionLimits
 from serve.config import ServiceConfig
 from serve.encoding import ParseMode
+from serve.experiment import ExperimentConfig, RunningExperiment
 from serve.metrics import ServiceMetrics
-from serve.ranking import RankingCore, ScoringBackend, check_content_type, dumps, read_body
+from serve.ranking import RankingCore, check_content_type, dumps, read_body
 from serve.schemas import (
     ModelSwap,
     RankResponse,
@@ -39,6 +41,7 @@ from serve.schemas import (
     rank_openapi_extra,
     search_openapi_extra,
 )
+from serve.scoring import ScoringBackend
 from serve.search import build_search_core
 from serve.security import ADMIN_RESPONSES, admin_auth
 
@@ -147,6 +150,36 @@ class HttpService:
         """Make every scorer of this service serve new_config's model; return its identity."""
         raise NotImplementedError
 
+    async def set_experiment(self, experiment: ExperimentConfig | None) -> tuple[int, dict[str, Any]]:
+        """(status, body) of PUT / DELETE /admin/experiment: 422 naming the arm's field for a model or
+        variant that cannot be served (or arms whose models take different feature counts), 409 when
+        this server cannot run experiments or loading failed, else 200 with the experiment now in force.
+        The arms are loaded beside the serving model, then switched to in one assignment: requests
+        keep being answered throughout."""
+        if experiment is None:
+            self.core.experiment = None
+            self.config = self.config.model_copy(update={"experiment": None})
+            return 200, {"experiment": None}
+        try:
+            await asyncio.to_thread(checked_experiment, self.config, experiment)
+        except RequestError as exc:
+            return exc.status, exc.to_dict()
+        try:
+            running = await self.load_experiment(experiment)
+        except RequestError as exc:
+            return exc.status, exc.to_dict()
+        except Exception as exc:
+            logger.exception("experiment failed to load")
+            return 409, {"detail": f"experiment failed to load: {exc}"}
+        self.core.experiment = running
+        self.config = self.config.model_copy(update={"experiment": experiment})
+        return 200, {"experiment": experiment.model_dump()}
+
+    async def load_experiment(self, experiment: ExperimentConfig) -> RunningExperiment:
+        """Load a scoring backend per arm, in this server's way."""
+        raise RequestError(409, "experiment", "experiments are served by plain uvicorn (serve/uvicorn_server.py) "
+                                              "in this version, not by the Ray Serve app")
+
 
 def freeze_startup_objects(*, collect: bool = True) -> None:
     """Put every object alive now (modules, the app, the model) out of the garbage collector's reach.
@@ -161,6 +194,18 @@ def freeze_startup_objects(*, collect: bool = True) -> None:
     if collect:
         gc.collect()
     gc.freeze()
+
+
+def checked_experiment(config: ServiceConfig, experiment: ExperimentConfig) -> None:
+    """RequestError(422) naming `arms[i].model` or `arms[i].variant` for an arm that cannot be
+    served. Blocking (reads the manifests)."""
+    for i, arm in enumerate(experiment.arms):
+        try:
+            checked_swap(config, ModelSwap(variant=arm.variant, model=arm.model))
+        except RequestError as exc:
+            raise RequestError(exc.status, f"arms[{i}].{exc.field}", exc.rule) from None
+        except ValueError as exc:  # ModelSwap's own name rules
+            raise RequestError(422, f"arms[{i}]", str(exc).splitlines()[-1].strip()) from None
 
 
 def checked_swap(config: ServiceConfig, swap: ModelSwap) -> ServiceConfig:
@@ -254,6 +299,26 @@ def build_http_app(
         Needs `Authorization: Bearer <token>`, the token in the server's $RANKSERVE_ADMIN_TOKEN (serve/security.py)."""
         status, body = await current().swap_model(swap)
         return JSONResponse(body, status_code=status)
+
+    @app.put("/admin/experiment", responses={**ADMIN_RESPONSES, 409: {}, 422: {}}, dependencies=[admin_auth(app)])
+    async def put_experiment(experiment: ExperimentConfig) -> JSONResponse:
+        """Start (or replace) an online experiment without stopping traffic: an A/B split of /rank between
+        arms by a hash of the `X-Rankserve-User` header (or of the query id), or team-draft interleaving
+        of two arms (serve/experiment.py). Every answer then names its arm. Needs the admin token."""
+        status, body = await current().set_experiment(experiment)
+        return JSONResponse(body, status_code=status)
+
+    @app.delete("/admin/experiment", responses={**ADMIN_RESPONSES}, dependencies=[admin_auth(app)])
+    async def end_experiment() -> JSONResponse:
+        """End the experiment: /rank is answered by the server's own model again. Needs the admin token."""
+        status, body = await current().set_experiment(None)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/admin/experiment", responses={**ADMIN_RESPONSES}, dependencies=[admin_auth(app)])
+    async def get_experiment() -> JSONResponse:
+        """The experiment in force, or null. Needs the admin token."""
+        running = current().core.experiment
+        return JSONResponse({"experiment": running.config.model_dump() if running else None})
 
     def admission_limits() -> AdmissionLimits:
         config = current().config

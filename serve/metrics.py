@@ -1,4 +1,5 @@
-"""Prometheus metrics of the ranking service: requests, latencies, batch sizes, cache, degraded answers.
+"""Prometheus metrics of the ranking service: requests, latencies, batch sizes, cache, degraded answers,
+experiment arms.
 
 Both servers keep the same prometheus_client counters in a private registry and serve them as
 text on `GET /metrics` (one scrape target per ingress replica or baseline process). Inside Ray
@@ -57,6 +58,12 @@ class ServiceMetrics:
             "rankserve_search_latency_ms",
             "server-side time per /search request by stage (parse, embed, cache, retrieve, features, rank, total)",
             ["stage"], buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.arm_requests = Counter(
+            "rankserve_arm_requests", "POST /rank requests of an experiment by arm (or 'interleaved') and status",
+            ["arm", "status"], registry=r)
+        self.arm_latency = Histogram(
+            "rankserve_arm_latency_ms", "server-side time per answered experiment request by arm (ms)",
+            ["arm"], buckets=LATENCY_BUCKETS_MS, registry=r)
         self._ray: dict[str, Any] = _ray_metrics() if use_ray else {}
 
     def observe_request(self, status: int, encoding: str, timings_ms: dict[str, float] | None) -> None:
@@ -67,6 +74,16 @@ class ServiceMetrics:
             self.latency.labels(stage).observe(ms)
             if self._ray:
                 self._ray["latency"].observe(ms, tags={"stage": stage})
+
+    def observe_arm(self, arm: str, status: int, total_ms: float | None) -> None:
+        """One request of an experiment (serve/experiment.py): its arm, status and, if answered, time."""
+        self.arm_requests.labels(arm, str(status)).inc()
+        if total_ms is not None:
+            self.arm_latency.labels(arm).observe(total_ms)
+        if self._ray:
+            self._ray["arm_requests"].inc(1, tags={"arm": arm, "status": str(status)})
+            if total_ms is not None:
+                self._ray["arm_latency"].observe(total_ms, tags={"arm": arm})
 
     def observe_search(self, status: int, timings_ms: dict[str, float] | None) -> None:
         self.search_requests.labels(str(status)).inc()
@@ -130,6 +147,10 @@ def _ray_metrics() -> dict[str, Any]:
         "search_latency": RayHistogram(
             "rankserve_search_latency_ms", description="server-side time per /search request by stage (ms)",
             boundaries=list(LATENCY_BUCKETS_MS), tag_keys=("stage",)),
+        "arm_requests": RayCounter("rankserve_arm_requests", description="experiment requests by arm",
+                                   tag_keys=("arm", "status")),
+        "arm_latency": RayHistogram("rankserve_arm_latency_ms", description="experiment latency by arm (ms)",
+                                    boundaries=list(LATENCY_BUCKETS_MS), tag_keys=("arm",)),
         "cache": RayCounter("rankserve_cache", description="result cache lookups", tag_keys=("result",)),
         "degraded": RayCounter("rankserve_degraded", description="fallback answers", tag_keys=("reason",)),
     }

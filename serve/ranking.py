@@ -19,152 +19,22 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import orjson
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from serve.admission import RULES, Overloaded
 from serve.cache_keys import rank_key
 from serve.encoding import JSON_TYPES, MSGPACK_TYPES, ParsedRequest, ParseMode, media_type, parse_body
+from serve.experiment import USER_HEADER, RunningExperiment, assign
+from serve.interleaving import seeded_coin, team_draft
 from serve.metrics import ServiceMetrics
 from serve.schemas import RequestError
+from serve.scoring import ScoreOutcome, ScoringBackend
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoreOutcome:
-    """What a backend returns for one list: its scores plus where the time went."""
-
-    scores: np.ndarray
-    model: dict[str, str]  # name, variant, version of the model that scored it
-    queue_ms: float = 0.0
-    inference_ms: float = 0.0
-    batch_docs: int = 0  # set on one request per batch (batch_first) so batches are counted once
-    batch_requests: int = 0
-    batch_first: bool = False
-
-
-class ScoringBackend(Protocol):
-    """What RankingCore needs from a server: the model's identity and an async score call."""
-
-    async def model_info(self) -> dict[str, Any]:
-        """{"name", "variant", "version", "n_features"} of the model serving now."""
-        ...
-
-    async def score(self, features: np.ndarray) -> ScoreOutcome: ...
-
-    # Optional: `score_inline(features) -> ScoreOutcome | None` scores a short list right away, on the
-    # event loop (None: not this one, use `score`). RankingCore tries it first: no task, no timer.
-
-
-def model_of(scorer: Any) -> dict[str, Any]:
-    """What a loaded scorer is: {"name", "variant", "version", "n_features", "pointwise"}."""
-    return {"name": scorer.model, "variant": scorer.variant, "version": scorer.version,
-            "n_features": scorer.n_features, "pointwise": scorer.pointwise}
-
-
-def model_identity(variant: str, model: str | None = None, manifest_path: str | None = None) -> dict[str, Any]:
-    """The identity `load_scorer(variant, model, ...)` would give, read from the manifest only (no model
-    loaded): {"name", "variant", "version", "n_features", "pointwise"}. Blocking (reads a file)."""
-    from export.runtime import load_manifest
-
-    manifest = load_manifest(model, manifest_path)
-    entry = manifest["variants"].get(variant)
-    if entry is None:
-        raise KeyError(f"variant: {variant!r} is not in the manifest (has {sorted(manifest['variants'])})")
-    m = manifest["model"]
-    return {"name": m["name"], "variant": variant, "version": f"{m['version']}-{entry['sha256'][:12]}",
-            "n_features": m["n_features"], "pointwise": m["pointwise"]}
-
-
-class LocalBackend:
-    """The scorer in this process, called once per request (no batching): plain uvicorn and the baseline.
-
-    A list of at most `inline_max_docs` documents is scored on the event loop (`score_inline`); a
-    longer one in Starlette's thread pool (what a FastAPI `def` endpoint does). `scorer` is replaced
-    in one assignment by a model swap; a call already running keeps its own.
-    """
-
-    def __init__(self, scorer: Any, inline_max_docs: int = 0) -> None:
-        self.scorer = scorer
-        self.inline_max_docs = inline_max_docs
-
-    async def model_info(self) -> dict[str, Any]:
-        return model_of(self.scorer)
-
-    async def probe(self) -> dict[str, Any]:
-        """For /readyz: the model that answers now."""
-        return model_of(self.scorer)
-
-    def score_inline(self, features: np.ndarray) -> ScoreOutcome | None:
-        """A list of at most `inline_max_docs` documents, scored now on the calling (event-loop) thread."""
-        if len(features) > self.inline_max_docs:
-            return None
-        scorer = self.scorer
-        return local_outcome(scorer, features, time.perf_counter(), *timed_score(scorer, [features]))
-
-    async def score(self, features: np.ndarray) -> ScoreOutcome:
-        outcome = self.score_inline(features)
-        if outcome is not None:
-            return outcome
-        arrival, scorer = time.perf_counter(), self.scorer
-        return local_outcome(scorer, features, arrival, *await run_in_threadpool(timed_score, scorer, [features]))
-
-
-def name_of(scorer: Any) -> dict[str, str]:
-    """The model that scored an answer, as every answer names it: {"name", "variant", "version"}."""
-    return {"name": scorer.model, "variant": scorer.variant, "version": scorer.version}
-
-
-def local_outcome(scorer: Any, features: np.ndarray, arrival: float, start: float, end: float,
-                  scores: list[np.ndarray]) -> ScoreOutcome:
-    """The outcome of one list scored alone (no batch) by `scorer`."""
-    return ScoreOutcome(
-        scores=scores[0],
-        model=name_of(scorer),
-        queue_ms=(start - arrival) * 1000,
-        inference_ms=(end - start) * 1000,
-        batch_docs=len(features),
-        batch_requests=1,
-        batch_first=True,
-    )
-
-
-def timed_score(scorer: Any, lists: Sequence[np.ndarray]) -> tuple[float, float, list[np.ndarray]]:
-    """`score_lists` with its (start, end) perf_counter times: run inline or in an inference thread.
-
-    Why short lists are scored inline (`inline_max_docs`): ONNX Runtime releases the GIL, but the
-    thread that ran it must take the GIL back to return, and while the event loop is busy parsing
-    other requests it waits for the interpreter's switch interval (5 ms) before the loop yields it.
-    On a replica with one core, a loaded one, that wait was most of a 100-document request's
-    latency, and the hop itself (a future, two context switches) costs more CPU than it saves:
-    the loop cannot run anything else on that core while inference runs anyway.
-    """
-    start = time.perf_counter()
-    scores = score_lists(scorer, lists)
-    return start, time.perf_counter(), scores
-
-
-def score_lists(scorer: Any, lists: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Score several lists in one call: concatenated rows for a pointwise model, a padded
-    [B, L, F] batch with a mask for a listwise one. Used by every backend."""
-    sizes = [len(x) for x in lists]
-    if scorer.pointwise:
-        rows = lists[0] if len(lists) == 1 else np.concatenate(lists)
-        scores = np.asarray(scorer.score_documents(rows), dtype=np.float32).reshape(-1)
-        return np.split(scores, np.cumsum(sizes)[:-1])
-    n_features = lists[0].shape[1]
-    padded = np.zeros((len(lists), max(sizes), n_features), dtype=np.float32)
-    mask = np.zeros((len(lists), max(sizes)), dtype=bool)
-    for i, x in enumerate(lists):
-        padded[i, : len(x)] = x
-        mask[i, : len(x)] = True
-    scores = np.asarray(scorer.score_lists(padded, mask), dtype=np.float32)
-    return [scores[i, :n] for i, n in enumerate(sizes)]
 
 
 def validate_request(req: ParsedRequest, n_features: int, max_docs: int) -> None:
@@ -210,7 +80,7 @@ def cached_value(query_id: str | int, encoding: str, results: bytes) -> bytes:
     return orjson.dumps([query_id, encoding]) + b"\n" + results
 
 
-def _answer(query_id: Any, model: dict[str, str], results: Any, timings: dict[str, float], start: float, *,
+def rank_answer(query_id: Any, model: dict[str, str], results: Any, timings: dict[str, float], start: float, *,
             cached: bool = False, degraded: bool = False) -> dict[str, Any]:
     """A /rank answer; `results` a list, or ready JSON bytes (orjson.Fragment) scored now or cached."""
     timings["total"] = (time.perf_counter() - start) * 1000
@@ -264,10 +134,8 @@ class RankingCore:
     max_body_bytes: int = 64 * 1024 * 1024
     deadline_ms: float = 1000.0
     parse_mode: ParseMode = "fast"
+    experiment: RunningExperiment | None = None  # an A/B split or interleaving in force (serve/experiment.py)
     _pending: set[asyncio.Task[Any]] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self._score_inline = getattr(self.backend, "score_inline", None)
 
     async def handle_request(self, request: Request) -> tuple[int, dict[str, Any]]:
         """Read and answer one HTTP request: (status, response or error dict)."""
@@ -279,23 +147,34 @@ class RankingCore:
             self.metrics.observe_request(exc.status, "unknown", None)
             return exc.status, exc.to_dict()
         return await self.handle(body, request.headers.get("content-type"), start=start,
-                                 read_ms=(time.perf_counter() - start) * 1000)
+                                 read_ms=(time.perf_counter() - start) * 1000, user=request.headers.get(USER_HEADER))
 
     async def handle(self, body: bytes, content_type: str | None, *, start: float | None = None,
-                     read_ms: float = 0.0) -> tuple[int, dict[str, Any]]:
+                     read_ms: float = 0.0, user: str | None = None) -> tuple[int, dict[str, Any]]:
         """Answer one request body: (status, response or error dict). `read_ms`: the time spent
-        receiving the body (a 1000-document msgpack body is 544 KB), reported as its own stage."""
+        receiving the body (a 1000-document msgpack body is 544 KB), reported as its own stage.
+        `user`: the X-Rankserve-User header, which assigns the request to an experiment's arm."""
         start = time.perf_counter() if start is None else start
+        timings = {"read": read_ms, "parse": 0.0, "key": 0.0, "cache": 0.0, "features": 0.0, "queue": 0.0,
+                   "inference": 0.0, "total": 0.0}
+        experiment = self.experiment
+        if experiment is None:
+            return await self._answer_with(self.backend, body, content_type, timings, start)
+        return await self._answer_experiment(experiment, body, content_type, user, timings, start)
+
+    async def _answer_with(self, backend: ScoringBackend, body: bytes, content_type: str | None,
+                      timings: dict[str, float], start: float,
+                      parsed: ParsedRequest | None = None) -> tuple[int, dict[str, Any]]:
+        """The answer of `backend`'s model: from the cache, looked up on the body's bytes before
+        parsing (after, when the caller had to parse first: `parsed`), or scored now."""
         try:
-            info = await self.backend.model_info()
+            info = await backend.model_info()
         except Exception as exc:  # the ranker is not up (yet): the server's state, not the client's mistake
             logger.warning("model info unavailable: %s", exc)
             self.metrics.observe_request(503, "unknown", None)
             return 503, {"detail": "model: not loaded yet, retry later", "field": "model", "rule": "must be loaded"}
         model = {k: info[k] for k in ("name", "variant", "version")}
-        timings = {"read": read_ms, "parse": 0.0, "key": 0.0, "cache": 0.0, "features": 0.0, "queue": 0.0,
-                   "inference": 0.0, "total": 0.0}
-        encoding = "unknown"
+        encoding = parsed.encoding if parsed is not None else "unknown"
         key: str | None = None
         try:
             if self.cache is not None:  # before parsing: a hit is answered from the body's bytes alone
@@ -304,49 +183,122 @@ class RankingCore:
                     self.metrics.observe_cache("hit")
                     header, results = hit.split(b"\n", 1)
                     query_id, encoding = orjson.loads(header)
-                    response = _answer(query_id, model, orjson.Fragment(results), timings, start, cached=True)
+                    response = rank_answer(query_id, model, orjson.Fragment(results), timings, start, cached=True)
                     self.metrics.observe_request(200, encoding, timings)
                     return 200, response
-            t = time.perf_counter()
-            parsed = parse_body(body, content_type, mode=self.parse_mode, n_features=info["n_features"])
+            if parsed is None:
+                parsed = self._parse(body, content_type, info["n_features"], timings)
             encoding = parsed.encoding
-            validate_request(parsed, info["n_features"], self.max_docs)
-            timings["parse"] = (time.perf_counter() - t) * 1000
-            status, response = await self._rank(parsed, model, info["n_features"], key, timings, start)
+            status, response = await self._rank(backend, parsed, model, info["n_features"], key, timings, start)
         except RequestError as exc:
             self.metrics.observe_request(exc.status, encoding, None)
             return exc.status, exc.to_dict()
         self.metrics.observe_request(status, encoding, response["timings_ms"])
         return status, response
 
-    async def _rank(self, req: ParsedRequest, model: dict[str, str], n_features: int, key: str | None,
-                    timings: dict[str, float], start: float) -> tuple[int, dict[str, Any]]:
-        """Score a parsed, valid request that missed the cache; store a good answer under `key`."""
+    def _parse(self, body: bytes, content_type: str | None, n_features: int,
+               timings: dict[str, float]) -> ParsedRequest:
+        """Parse and validate (RequestError: 4xx naming the field), timed as the `parse` stage."""
+        t = time.perf_counter()
+        parsed = parse_body(body, content_type, mode=self.parse_mode, n_features=n_features)
+        validate_request(parsed, n_features, self.max_docs)
+        timings["parse"] = (time.perf_counter() - t) * 1000
+        return parsed
+
+    async def _answer_experiment(self, experiment: RunningExperiment, body: bytes, content_type: str | None,
+                                 user: str | None, timings: dict[str, float],
+                                 start: float) -> tuple[int, dict[str, Any]]:
+        """An experiment's answer: the arm of the user (or, without the header, of the query id,
+        which needs the body parsed first), or the interleaving of the two arms; it names its arm."""
+        parsed = None
+        if user is None or experiment.config.mode == "interleave":
+            try:
+                parsed = self._parse(body, content_type, experiment.n_features, timings)
+            except RequestError as exc:
+                self.metrics.observe_request(exc.status, "unknown", None)
+                return exc.status, exc.to_dict()
+        unit = user if user is not None else parsed.query_id  # type: ignore[union-attr]
+        if experiment.config.mode == "interleave":
+            assert parsed is not None
+            label = "interleaved"
+            status, response = await self._interleave(experiment, parsed, unit, timings, start)
+        else:
+            label = assign(unit, experiment.config).name
+            status, response = await self._answer_with(experiment.backends[label], body, content_type, timings, start,
+                                                  parsed)
+        if status == 200:
+            response["arm"] = label
+        self.metrics.observe_arm(label, status, timings["total"] if status == 200 else None)
+        return status, response
+
+    async def _interleave(self, experiment: RunningExperiment, req: ParsedRequest, unit: str | int,
+                          timings: dict[str, float], start: float) -> tuple[int, dict[str, Any]]:
+        """Both arms score the list; the answer is their team-draft interleaving, each result with the
+        team ("a": the first arm, "b": the second) that placed it. Never cached."""
+        arm_a, arm_b = experiment.config.arms
+        backends = [experiment.backends[arm_a.name], experiment.backends[arm_b.name]]
+        infos = [await backend.model_info() for backend in backends]
+        model = {k: infos[0][k] for k in ("name", "variant", "version")}
+        names = {"a": arm_a.name, "b": arm_b.name}
 
         def answer(results: Any, *, degraded: bool) -> tuple[int, dict[str, Any]]:
-            return 200, _answer(req.query_id, model, results, timings, start, degraded=degraded)
-
-        features = req.features
-        if features is None:
-            t = time.perf_counter()
-            features = await self._read_features(req)
-            timings["features"] = (time.perf_counter() - t) * 1000
-            if features is not None and features.shape != (req.n_docs, n_features):
-                # The store holds another dataset than the model was trained on: our mistake, not the client's.
-                logger.error("feature store rows have shape %s, the model expects %d features: degraded answer",
-                             features.shape, n_features)
-                features = None
-            if features is None:
-                self.metrics.observe_degraded("feature_store")
-                return answer(fallback_results(req.doc_ids), degraded=True)
+            response = rank_answer(req.query_id, model, results, timings, start, degraded=degraded)
+            response["interleaving"] = names
+            return 200, response
 
         try:
-            # A short list is scored right away (no task, no timer: it takes well under a millisecond),
-            # and cannot be cut off; one that still overran the deadline gets the same fallback. Any
-            # other list waits for the backend under the deadline.
-            outcome = self._score_inline(features) if self._score_inline is not None else None
+            features = await self._features_of(req, experiment.n_features, timings)
+            if features is None:
+                return answer(fallback_results(req.doc_ids), degraded=True)
+            outcomes = []
+            for backend in backends:
+                outcome = await self._score(backend, req, features)
+                if outcome is None:
+                    return answer(fallback_results(req.doc_ids), degraded=True)
+                outcomes.append(outcome)
+                timings["queue"] += outcome.queue_ms
+                timings["inference"] += outcome.inference_ms
+        except RequestError as exc:
+            self.metrics.observe_request(exc.status, req.encoding, None)
+            return exc.status, exc.to_dict()
+        rankings = [ranked_results(req.doc_ids, o.scores) for o in outcomes]
+        scores = [{r["id"]: r["score"] for r in ranking} for ranking in rankings]
+        merged, teams = team_draft([r["id"] for r in rankings[0]], [r["id"] for r in rankings[1]],
+                                   seeded_coin(f"{experiment.config.salt}:{unit}:{req.query_id}"))
+        results = [{"id": d, "score": scores[team == "b"][d], "team": team} for d, team in zip(merged, teams,
+                                                                                                strict=True)]
+        status, response = answer(results, degraded=False)
+        self.metrics.observe_request(status, req.encoding, timings)
+        return status, response
+
+    async def _features_of(self, req: ParsedRequest, n_features: int,
+                           timings: dict[str, float]) -> np.ndarray | None:
+        """The request's features: from the body, or (feature-store mode) one MGET; None: degraded
+        (the store is down or holds rows of another width), counted."""
+        if req.features is not None:
+            return req.features
+        t = time.perf_counter()
+        features = await self._read_features(req)
+        timings["features"] = (time.perf_counter() - t) * 1000
+        if features is not None and features.shape != (req.n_docs, n_features):
+            # The store holds another dataset than the model was trained on: our mistake, not the client's.
+            logger.error("feature store rows have shape %s, the model expects %d features: degraded answer",
+                         features.shape, n_features)
+            features = None
+        if features is None:
+            self.metrics.observe_degraded("feature_store")
+        return features
+
+    async def _score(self, backend: ScoringBackend, req: ParsedRequest, features: np.ndarray) -> ScoreOutcome | None:
+        """`backend`'s scores under the deadline; None: degraded (an inference error or the deadline),
+        counted. A short list is scored right away (no task, no timer: it takes well under a
+        millisecond) and cannot be cut off; one that still overran the deadline is degraded too.
+        Overload behind this stage is the client's 503 (RequestError)."""
+        try:
+            score_inline = getattr(backend, "score_inline", None)
+            outcome = score_inline(features) if score_inline is not None else None
             if outcome is None:
-                outcome = await asyncio.wait_for(self.backend.score(features), self.deadline_ms / 1000)
+                outcome = await asyncio.wait_for(backend.score(features), self.deadline_ms / 1000)
             elif outcome.queue_ms + outcome.inference_ms > self.deadline_ms:
                 raise TimeoutError
         except Overloaded as exc:  # a stage behind this one sheds load: the client should retry later
@@ -355,12 +307,26 @@ class RankingCore:
         except (asyncio.TimeoutError, TimeoutError):
             logger.warning("query %r passed the %.0f ms deadline: degraded answer", req.query_id, self.deadline_ms)
             self.metrics.observe_degraded("deadline")
-            return answer(fallback_results(req.doc_ids), degraded=True)
+            return None
         except Exception:  # any inference failure: answer the fallback rather than a 500
             logger.exception("inference failed for query %r: degraded answer", req.query_id)
             self.metrics.observe_degraded("error")
-            return answer(fallback_results(req.doc_ids), degraded=True)
+            return None
+        return outcome
 
+    async def _rank(self, backend: ScoringBackend, req: ParsedRequest, model: dict[str, str], n_features: int,
+                    key: str | None, timings: dict[str, float], start: float) -> tuple[int, dict[str, Any]]:
+        """Score a parsed, valid request that missed the cache; store a good answer under `key`."""
+
+        def answer(results: Any, *, degraded: bool) -> tuple[int, dict[str, Any]]:
+            return 200, rank_answer(req.query_id, model, results, timings, start, degraded=degraded)
+
+        features = await self._features_of(req, n_features, timings)
+        if features is None:
+            return answer(fallback_results(req.doc_ids), degraded=True)
+        outcome = await self._score(backend, req, features)
+        if outcome is None:
+            return answer(fallback_results(req.doc_ids), degraded=True)
         scored_by = outcome.model  # the version that actually scored it (a swap may be under way)
         timings["queue"] = outcome.queue_ms
         timings["inference"] = outcome.inference_ms

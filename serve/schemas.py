@@ -8,7 +8,7 @@ every 4xx names the field and the rule.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -83,6 +83,7 @@ class ModelInfo(BaseModel):
 class ScoredDocument(BaseModel):
     id: DocId
     score: float | None = Field(description="null in a degraded (fallback) answer")
+    team: Literal["a", "b"] | None = Field(None, description="interleaving: the arm's team that placed it")
 
 
 class Timings(BaseModel):
@@ -103,6 +104,9 @@ class RankResponse(BaseModel):
     cached: bool
     degraded: bool = Field(description="true: the fallback ordering (the request's own order), scores null")
     timings_ms: Timings
+    arm: str | None = Field(None, description="an experiment's arm that answered ('interleaved': both); "
+                                              "absent without an experiment")
+    interleaving: dict[str, str] | None = Field(None, description="interleaving: the arm of team a and of team b")
 
 
 class Readiness(BaseModel):

@@ -34,9 +34,11 @@ from fastapi import FastAPI  # noqa: E402
 from serve.admission import add_admission_options  # noqa: E402
 from serve.config import DEFAULT_VARIANT, ServiceConfig  # noqa: E402
 from serve.encoding import ParseMode  # noqa: E402
+from serve.experiment import ExperimentConfig, RunningExperiment  # noqa: E402
 from serve.http_app import HttpService, build_http_app, freeze_startup_objects  # noqa: E402
 from serve.metrics import ServiceMetrics  # noqa: E402
-from serve.ranking import LocalBackend  # noqa: E402
+from serve.schemas import RequestError  # noqa: E402
+from serve.scoring import LocalBackend  # noqa: E402
 from serve.search import add_search_options  # noqa: E402
 
 DEFAULT_PORT = 8002
@@ -56,6 +58,25 @@ class LocalHttpService(HttpService):
         freeze_startup_objects(collect=False)  # the new model's objects too
         return await self.backend.probe()
 
+    async def load_experiment(self, experiment: ExperimentConfig) -> RunningExperiment:
+        running = await asyncio.to_thread(load_experiment, self.config, experiment)
+        freeze_startup_objects(collect=False)
+        return running
+
+
+def load_experiment(config: ServiceConfig, experiment: ExperimentConfig) -> RunningExperiment:
+    """A LocalBackend per arm (blocking: loads the models). RequestError(422) if the arms' models take
+    different feature counts: one body cannot feed them all."""
+    from export.runtime import load_scorer
+
+    scorers = {arm.name: load_scorer(arm.variant, arm.model or config.model, threads=config.threads,
+                                     manifest_path=config.manifest_path) for arm in experiment.arms}
+    widths = {name: scorer.n_features for name, scorer in scorers.items()}
+    if len(set(widths.values())) != 1:
+        raise RequestError(422, "arms", f"the arms' models take different feature counts: {widths}")
+    return RunningExperiment(experiment, {name: LocalBackend(scorer, config.inline_max_docs)
+                                          for name, scorer in scorers.items()}, next(iter(widths.values())))
+
 
 def create_app(config: ServiceConfig, scorer: Any = None, parse_mode: ParseMode = "fast", *,
                title: str = "rankserve (plain uvicorn)",
@@ -70,6 +91,8 @@ def create_app(config: ServiceConfig, scorer: Any = None, parse_mode: ParseMode 
         scorer = load_scorer(config.variant, config.model, threads=config.threads, manifest_path=config.manifest_path)
     service = LocalHttpService(config, LocalBackend(scorer, config.inline_max_docs), metrics=ServiceMetrics(use_ray=False),
                                parse_mode=parse_mode, redis_url=config.redis_url, cache_needs_redis=True)
+    if config.experiment is not None:  # --experiment FILE: in force from the first request
+        service.core.experiment = load_experiment(config, config.experiment)
     return build_http_app(service, title=title, description=description)
 
 
@@ -101,10 +124,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, ParseM
     p.add_argument("--inline-max-docs", type=int, default=ServiceConfig().inline_max_docs,
                    help="lists of at most this many documents are scored on the event loop, longer ones in "
                         "the thread pool (0: always the thread pool)")
+    p.add_argument("--experiment", type=Path, default=None,
+                   help="a JSON ExperimentConfig (serve/experiment.py): an A/B split or interleaving from the start; "
+                        "PUT /admin/experiment changes it under load")
     add_admission_options(p)
     add_search_options(p)
     options = vars(p.parse_args(argv))
     parse_mode = options.pop("parse")
+    if options["experiment"] is not None:
+        options["experiment"] = ExperimentConfig.model_validate_json(options["experiment"].read_text())
     return ServiceConfig(**options, batching=False), parse_mode
 
 

@@ -218,7 +218,7 @@ def test_short_lists_are_scored_on_the_event_loop_long_ones_in_the_thread_pool()
     import asyncio
     import threading
 
-    from serve.ranking import LocalBackend
+    from serve.scoring import LocalBackend
 
     class ThreadRecordingScorer:
         model, variant, version, pointwise, n_features = "m", "v", "1", True, 3
