@@ -6,8 +6,9 @@ runs the experiment, set through its admin API while the simulated users keep se
 2. A/B: `PUT /admin/experiment` with the two arms, 50/50 by user; `impressions` searches by simulated
    users (loadtest/online_users.py, the cascade click model by default) and their clicks;
 3. interleaving: the same arms in `interleave` mode, the same number of searches;
-4. statistics (loadtest/online_stats.py): the A/B CTR difference and the interleaving win rate with
-   95% intervals, and the queries each needs to detect the offline gap's direction 80% of the time.
+4. statistics (loadtest/online_stats.py): the A/B differences in CTR and in the first click's
+   reciprocal rank, and the interleaving win rate, with 95% intervals, and the queries each needs to
+   detect the offline gap's direction 80% of the time.
 
     python loadtest/online_eval.py [--impressions 3000] [--click-model cascade] [--out results/online_eval]
 
@@ -104,13 +105,19 @@ def set_experiment(client: httpx.Client, token: str, config: ExperimentConfig) -
 
 
 def ab_stats(log: ImpressionLog, pair: Pair, direction: float) -> dict[str, Any]:
-    clicks = {arm: np.array([len(i.clicks) for i in log if i.arm == arm and not i.degraded and i.status == 200])
-              for arm in (pair.a.name, pair.b.name)}
-    a, b = clicks[pair.a.name], clicks[pair.b.name]
-    needed, cap = queries_needed(ab_test(a, b, direction), a.size + b.size)
-    return {"ctr_a": float(a.mean()), "ctr_b": float(b.mean()), "impressions_a": int(a.size),
-            "impressions_b": int(b.size), "difference": ctr_difference(a, b).to_dict(),
-            "queries_needed": needed, "cap": cap}
+    """Per arm: clicks per impression (the CTR), and the reciprocal rank of the first click (0 without
+    one), a metric that rewards putting the satisfying document first; each with its difference's
+    interval and the queries it needs."""
+    answered = [i for i in log if not i.degraded and i.status == 200]
+    out: dict[str, Any] = {}
+    for metric, value in (("ctr", lambda i: len(i.clicks)), ("rr", lambda i: 1 / (1 + min(i.clicks)) if i.clicks else 0.0)):
+        a = np.array([value(i) for i in answered if i.arm == pair.a.name], dtype=float)
+        b = np.array([value(i) for i in answered if i.arm == pair.b.name], dtype=float)
+        needed, cap = queries_needed(ab_test(a, b, direction), a.size + b.size)
+        out[metric] = {"a": float(a.mean()), "b": float(b.mean()), "difference": ctr_difference(a, b).to_dict(),
+                       "queries_needed": needed, "cap": cap}
+        out["impressions_a"], out["impressions_b"] = int(a.size), int(b.size)
+    return out
 
 
 def interleaving_stats(log: ImpressionLog, direction: float) -> dict[str, Any]:
@@ -162,8 +169,9 @@ def run(impressions: int, click_model: str, work: Path, seed: int = 0) -> dict[s
                              "offline": {"ndcg10_a": ndcg_a, "ndcg10_b": ndcg_b, "gap": ndcg_b - ndcg_a},
                              "ab": ab, "interleaving": il,
                              "failures": logs["ab"].failures + logs["interleave"].failures})
-                print(f"{pair.label:<22} offline gap {ndcg_b - ndcg_a:+.4f}  A/B diff "
-                      f"{ab['difference']['estimate']:+.4f}  win rate b {il['win_rate_b']['estimate']:.3f}", flush=True)
+                print(f"{pair.label:<22} offline gap {ndcg_b - ndcg_a:+.4f}  A/B CTR diff "
+                      f"{ab['ctr']['difference']['estimate']:+.4f}  RR diff {ab['rr']['difference']['estimate']:+.4f}  "
+                      f"interleaving: b won {il['win_rate_b']['estimate']:.3f}", flush=True)
     finally:
         service.stop()
     return {"config": {"impressions_per_method": impressions, "click_model": click_model,

@@ -8,7 +8,8 @@ each method needs to detect the difference.
 - Queries needed: the smallest query count at which a method detects the difference (in the
   direction the whole log shows) in at least 80% of experiments, estimated by resampling the
   logged impressions (a bootstrap power curve over a geometric grid of counts). For A/B the count
-  is both arms together. Capped at `max_factor` times the logged count: beyond that, "more than".
+  is both arms together. Capped at `max_factor` times the logged count (1: no extrapolation past
+  what was observed): beyond that, "more than".
 
 scipy.stats gives the t and normal quantiles; the rest is arithmetic on arrays.
 """
@@ -81,7 +82,7 @@ def grid(start: int, stop: int, per_doubling: int = 4) -> list[int]:
     return [int(p) for p in points if p <= stop] or [stop]
 
 
-def queries_needed(test: Callable[[np.random.Generator, int], bool], logged: int, *, max_factor: float = 4.0,
+def queries_needed(test: Callable[[np.random.Generator, int], bool], logged: int, *, max_factor: float = 1.0,
                    resamples: int = 200, power: float = POWER, seed: int = 0) -> tuple[int | None, int]:
     """(the smallest count in the grid at which `test(rng, n)` is true in `power` of `resamples`
     draws, or None if none up to max_factor * logged; that cap). `test` draws n queries and says

@@ -171,5 +171,5 @@ def test_queries_needed_finds_more_for_a_smaller_difference() -> None:
     n_weak, _ = queries_needed(test_of(weak), 2000, resamples=100)
     assert n_strong is not None and n_weak is not None and n_strong < n_weak
     none, cap = queries_needed(lambda r, n: False, 100, resamples=10)
-    assert none is None and cap == 400
+    assert none is None and cap == 100
     assert grid(16, 64) == [16, 19, 23, 27, 32, 38, 45, 54, 64]
