@@ -72,8 +72,8 @@ def findings(report: dict) -> list[str]:
     by_ab = [r["pair"] for r in sorted(rows, key=lambda r: abs(r["ab"]["ctr"]["difference"]["estimate"]))]
     by_il = [r["pair"] for r in sorted(rows, key=lambda r: abs(r["interleaving"]["win_rate_b"]["estimate"] - 0.5))]
     out.append(f"Order of the pairs by the size of the difference (signs aside): offline {' < '.join(by_gap)}; "
-               f"A/B on CTR {'the same' if by_ab == by_gap else ' < '.join(by_ab)}; "
-               f"interleaving {'the same' if by_il == by_gap else ' < '.join(by_il)}.")
+               f"A/B on CTR {'the same as offline' if by_ab == by_gap else ' < '.join(by_ab)}; "
+               f"interleaving {'the same as offline' if by_il == by_gap else ' < '.join(by_il)}.")
     failures = sum(r["failures"] for r in rows)
     out.append(f"Failed or degraded answers during the experiments: {failures} (counted, never clicked).")
     return out
