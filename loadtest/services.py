@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from models.paths import REPO_ROOT
 from serve.config import ServiceConfig
+from serve.drift import DriftSettings, drift_flag
 from serve.index_config import IndexConfig
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ class UvicornServer(Service):
 
     script = "uvicorn_server.py"
     options = (*_BASELINE_OPTIONS, "cache", "cache_ttl_s", "inline_max_docs", "admission", "admission_queue_ms",
-               "admission_standing_ms", "admission_interval_ms", "max_inflight", *_SEARCH_OPTIONS)
+               "admission_standing_ms", "admission_interval_ms", "max_inflight", *_SEARCH_OPTIONS, "drift")
     always = ("port", "variant", "threads")
     defaults = {"batching": False, "cache": False, "port": 8002}
     extra_args = ("--parse", "fast")
@@ -222,6 +223,8 @@ def _flag(name: str, value: Any) -> list[str]:
     flag = "--" + name.replace("_", "-")
     if isinstance(value, IndexConfig):  # serve/search.py's `--search-index key=value,...`
         return [flag, ",".join(f"{k}={v}" for k, v in value.model_dump(exclude_defaults=True).items())]
+    if isinstance(value, DriftSettings):  # serve/drift.py's `--drift key=value,...`
+        return [flag, drift_flag(value)]
     if isinstance(value, bool):
         return [flag if value else "--no-" + flag[2:]]
     return [flag, str(value)]

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.drift import DriftSettings
 from serve.experiment import ExperimentConfig
 from serve.index_config import IndexConfig
 
@@ -130,6 +131,9 @@ class ServiceConfig(BaseModel):
     # Online experiment (serve/experiment.py): plain uvicorn only in this version.
     experiment: ExperimentConfig | None = Field(
         None, description="an A/B split between arms or team-draft interleaving of two; None: the model above answers")
+
+    # Drift monitoring (serve/drift.py): a bounded sample of scored rows against the training split.
+    drift: DriftSettings | None = Field(None, description="None: off; GET /drift and rankserve_drift_* need it")
 
     # Request limits and fallback.
     deadline_ms: float = Field(1000.0, gt=0, description="past it the answer is the degraded fallback")

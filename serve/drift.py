@@ -13,8 +13,10 @@ It keeps a bounded sample of the rows it scores and compares each feature with t
 
 A feature is flagged when its PSI passes `psi_threshold` or its KS statistic `ks_threshold`, once
 the window holds at least `min_rows` rows. The sample is a ring buffer of `window` rows (136 float32
-features: 0.5 MB at 1,000 rows); each scored list adds `rows_per_list` random rows with probability
-`sample_rate`, so the request path pays one random draw and a copy of a few rows. The statistics are
+features: 0.5 MB at 1,000 rows); each scored list adds `rows_per_list` random rows (default one:
+the documents of one list share their query-level features, so a second row of the same list would
+count one query's value twice) with probability `sample_rate`, so the request path pays one random
+draw and a copy of a row. The statistics are
 computed off the request path, in a thread, by `DriftMonitor.report()` (`GET /drift` and the
 Prometheus gauges it refreshes).
 
@@ -56,7 +58,9 @@ class DriftSettings(BaseModel):
     reference: str = Field(str(DEFAULT_REFERENCE), description="the training distribution (python serve/drift.py "
                                                                 "reference writes it)")
     sample_rate: float = Field(0.1, gt=0, le=1, description="share of scored lists that add rows to the sample")
-    rows_per_list: int = Field(4, ge=1, le=64, description="random rows a sampled list adds")
+    rows_per_list: int = Field(1, ge=1, le=64, description="random rows a sampled list adds (a query-level "
+                                                            "feature has one value per list: more rows of one list "
+                                                            "add no information about it)")
     window: int = Field(2000, ge=100, le=100_000, description="rows kept (a ring buffer): the bound on memory")
     min_rows: int = Field(500, ge=10, description="no feature is flagged before the window holds this many rows")
     psi_threshold: float = Field(0.2, gt=0, description="flag a feature whose PSI passes this")
@@ -166,6 +170,35 @@ class DriftMonitor:
         return {"rows": len(window), "rows_seen": seen, "window": self.settings.window,
                 "settings": self.settings.model_dump(), "features": features,
                 "flagged": [f["feature"] for f in features if f["flagged"]]}
+
+
+def drift_arg(text: str) -> DriftSettings:
+    """`--drift on` (the defaults) or `--drift sample_rate=0.2,window=4000`: DriftSettings' fields."""
+    from pydantic import ValidationError
+
+    try:
+        pairs = dict(item.split("=", 1) for item in text.split(",") if item and item != "on")
+        return DriftSettings(**pairs)
+    except (ValueError, ValidationError) as exc:
+        raise argparse.ArgumentTypeError(f"--drift {text!r}: {exc}") from None
+
+
+def drift_flag(settings: DriftSettings) -> str:
+    """The `--drift` value that gives `settings` back (loadtest/services.py writes it)."""
+    return ",".join(f"{k}={v}" for k, v in settings.model_dump(exclude_defaults=True).items()) or "on"
+
+
+def load_monitor(settings: DriftSettings) -> DriftMonitor:
+    """The monitor of a server started with `settings`; ValueError naming the field when the
+    reference file is missing."""
+    path = Path(settings.reference)
+    if not path.is_absolute():
+        from models.paths import REPO_ROOT
+
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise ValueError(f"drift.reference: {path} does not exist (python serve/drift.py reference writes it)")
+    return DriftMonitor(DriftReference.load(path), settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The one HTTP API of every ranking server: a FastAPI app built once, over an `HttpService`.
 
 Routes: `POST /rank`, `POST /search` (two-stage: serve/search.py), `GET /healthz`, `GET /readyz`, `GET /metrics`,
-`POST /admin/model`, `PUT|GET|DELETE /admin/experiment` (serve/experiment.py), and the
+`GET /drift` (serve/drift.py), `POST /admin/model`, `PUT|GET|DELETE /admin/experiment` (serve/experiment.py), and the
 OpenAPI (`/openapi.json`, `/docs`). The Ray Serve deployments (serve/app.py, through
 `serve.ingress(builder)`), the plain-uvicorn server (serve/uvicorn_server.py) and the baseline
 (serve/baseline.py) all serve `build_http_app(...)`, so the endpoints are written once and a
@@ -99,6 +99,20 @@ class HttpService:
             parse_mode=parse_mode,
         )
         self.search = build_search_core(config, metrics, self.feature_store, self.cache)
+        if config.drift is not None:
+            from serve.drift import load_monitor
+
+            self.core.drift = load_monitor(config.drift)
+
+    async def drift_report(self) -> tuple[int, dict[str, Any]]:
+        """(status, body) of GET /drift: the monitor's report (computed in a thread), or 404 when off;
+        the Prometheus gauges are refreshed with it."""
+        if self.core.drift is None:
+            return 404, {"detail": "drift: not monitored here (start the server with --drift)", "field": "drift",
+                         "rule": "must be configured"}
+        report = await asyncio.to_thread(self.core.drift.report)
+        self.metrics.observe_drift(report)
+        return 200, report
 
     async def search_request(self, request: Request) -> tuple[int, dict[str, Any]]:
         """Read and answer one POST /search: the same body rules (type, size) as /rank."""
@@ -288,8 +302,17 @@ def build_http_app(
         status, body = await current().readiness()
         return JSONResponse(body, status_code=status)
 
+    @app.get("/drift", responses={404: {"description": "not monitored here (no --drift)"}})
+    async def drift() -> JSONResponse:
+        """Feature drift against the training split: PSI, KS and the out-of-range share per feature over a
+        bounded sample of the rows scored here, and the flagged features (serve/drift.py)."""
+        status, body = await current().drift_report()
+        return JSONResponse(body, status_code=status)
+
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
+        if current().core.drift is not None:
+            await current().drift_report()  # the drift gauges, fresh at each scrape
         body, content_type = current().metrics.render()
         return Response(body, media_type=content_type)
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000)
 DOC_BUCKETS = (1, 10, 25, 50, 100, 200, 500, 1000, 2000, 4096, 8192, 16384)
@@ -64,6 +71,11 @@ class ServiceMetrics:
         self.arm_latency = Histogram(
             "rankserve_arm_latency_ms", "server-side time per answered experiment request by arm (ms)",
             ["arm"], buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.drift = {stat: Gauge(f"rankserve_drift_{stat}", f"feature drift against the training split: {text} "
+                                  "(serve/drift.py; refreshed at each scrape)", ["feature"], registry=r)
+                      for stat, text in (("psi", "PSI"), ("ks", "KS statistic"),
+                                         ("out_of_range", "share outside the training range"),
+                                         ("flagged", "1 if flagged"))}
         self._ray: dict[str, Any] = _ray_metrics() if use_ray else {}
 
     def observe_request(self, status: int, encoding: str, timings_ms: dict[str, float] | None) -> None:
@@ -84,6 +96,14 @@ class ServiceMetrics:
             self._ray["arm_requests"].inc(1, tags={"arm": arm, "status": str(status)})
             if total_ms is not None:
                 self._ray["arm_latency"].observe(total_ms, tags={"arm": arm})
+
+    def observe_drift(self, report: dict[str, Any]) -> None:
+        """serve/drift.py's report into the per-feature gauges (Prometheus only: Ray's metrics skip it)."""
+        for f in report["features"]:
+            feature = str(f["feature"])
+            for stat in ("psi", "ks", "out_of_range"):
+                self.drift[stat].labels(feature).set(f[stat])
+            self.drift["flagged"].labels(feature).set(int(f["flagged"]))
 
     def observe_search(self, status: int, timings_ms: dict[str, float] | None) -> None:
         self.search_requests.labels(str(status)).inc()

@@ -135,6 +135,7 @@ class RankingCore:
     deadline_ms: float = 1000.0
     parse_mode: ParseMode = "fast"
     experiment: RunningExperiment | None = None  # an A/B split or interleaving in force (serve/experiment.py)
+    drift: Any = None  # serve.drift.DriftMonitor: samples the rows scored here, or None
     _pending: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def handle_request(self, request: Request) -> tuple[int, dict[str, Any]]:
@@ -261,6 +262,8 @@ class RankingCore:
         except RequestError as exc:
             self.metrics.observe_request(exc.status, req.encoding, None)
             return exc.status, exc.to_dict()
+        if self.drift is not None:
+            self.drift.observe(features)
         rankings = [ranked_results(req.doc_ids, o.scores) for o in outcomes]
         scores = [{r["id"]: r["score"] for r in ranking} for ranking in rankings]
         merged, teams = team_draft([r["id"] for r in rankings[0]], [r["id"] for r in rankings[1]],
@@ -327,6 +330,8 @@ class RankingCore:
         outcome = await self._score(backend, req, features)
         if outcome is None:
             return answer(fallback_results(req.doc_ids), degraded=True)
+        if self.drift is not None:
+            self.drift.observe(features)
         scored_by = outcome.model  # the version that actually scored it (a swap may be under way)
         timings["queue"] = outcome.queue_ms
         timings["inference"] = outcome.inference_ms

@@ -33,6 +33,7 @@ from fastapi import FastAPI  # noqa: E402
 
 from serve.admission import add_admission_options  # noqa: E402
 from serve.config import DEFAULT_VARIANT, ServiceConfig  # noqa: E402
+from serve.drift import drift_arg  # noqa: E402
 from serve.encoding import ParseMode  # noqa: E402
 from serve.experiment import ExperimentConfig, RunningExperiment  # noqa: E402
 from serve.http_app import HttpService, build_http_app, freeze_startup_objects  # noqa: E402
@@ -127,6 +128,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServiceConfig, ParseM
     p.add_argument("--experiment", type=Path, default=None,
                    help="a JSON ExperimentConfig (serve/experiment.py): an A/B split or interleaving from the start; "
                         "PUT /admin/experiment changes it under load")
+    p.add_argument("--drift", type=drift_arg, default=None,
+                   help="monitor feature drift: 'on', or DriftSettings fields as key=value,... (serve/drift.py); "
+                        "GET /drift reports it")
     add_admission_options(p)
     add_search_options(p)
     options = vars(p.parse_args(argv))

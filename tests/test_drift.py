@@ -39,7 +39,7 @@ def training_rows(n: int = 20_000, features: int = 12, seed: int = 0) -> np.ndar
 
 def test_the_monitor_flags_the_shifted_features_and_no_other() -> None:
     reference = DriftReference.from_rows(training_rows())
-    settings = DriftSettings(sample_rate=1.0, rows_per_list=4, window=2000, min_rows=500)
+    settings = DriftSettings(sample_rate=1.0, rows_per_list=4, window=2000, min_rows=500)  # iid rows: 4 per list is fine
     monitor = DriftMonitor(reference, settings)
     live = training_rows(n=4000, seed=1)
     for start in range(0, 2000, 20):
@@ -96,3 +96,47 @@ def test_reference_round_trip(tmp_path: Path) -> None:
         np.testing.assert_allclose(a, b)
     assert loaded.edges[2].tolist() == [5.0] and loaded.shares[2].tolist() == [0.0, 1.0]  # the constant feature
     np.testing.assert_array_equal(reference.sample, loaded.sample)
+
+
+def test_the_service_samples_what_it_scores_and_reports_on_get_drift(tmp_path: Path,
+                                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Plain uvicorn with --drift: GET /drift and the Prometheus gauges flag a shifted feature of the
+    traffic and no other; without --drift the route is a 404 naming the field."""
+    from fastapi.testclient import TestClient
+    from serving_artifacts import build_test_artifacts
+
+    from export.runtime import load_scorer
+    from serve.encoding import encode_msgpack
+    from serve.uvicorn_server import create_app, parse_args
+
+    manifest = build_test_artifacts(tmp_path_factory.getbasetemp() / "serve-artifacts")
+    n_features = load_scorer("onnx-fp32", manifest_path=manifest).n_features
+    rng = np.random.default_rng(5)
+    reference = DriftReference.from_rows(rng.normal(size=(20_000, n_features))).save(tmp_path / "ref.npz")
+    base = ["--variant", "onnx-fp32", "--manifest-path", str(manifest)]
+    off, _ = parse_args(base)
+    with TestClient(create_app(off)) as client:
+        missing = client.get("/drift")
+        assert missing.status_code == 404 and missing.json()["field"] == "drift"
+    on, _ = parse_args([*base, "--drift", f"reference={reference},sample_rate=1,window=400,min_rows=200"])
+    assert on.drift is not None and on.drift.window == 400
+    with TestClient(create_app(on)) as client:
+        def send(shift: float) -> None:
+            for i in range(100):
+                X = rng.normal(size=(20, n_features)).astype(np.float32)
+                X[:, 3] += shift
+                resp = client.post("/rank", content=encode_msgpack(f"q{i}", list(range(20)), X),
+                                   headers={"content-type": "application/msgpack"})
+                assert resp.status_code == 200
+
+        send(0.0)
+        send(0.0)
+        assert client.get("/drift").json()["flagged"] == []
+        send(2.0)
+        send(2.0)
+        send(2.0)
+        report = client.get("/drift").json()
+        assert report["flagged"] == [3] and report["rows"] == 400
+        metrics = client.get("/metrics").text
+        assert 'rankserve_drift_flagged{feature="3"} 1.0' in metrics
+        assert 'rankserve_drift_flagged{feature="4"} 0.0' in metrics
