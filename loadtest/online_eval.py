@@ -10,7 +10,7 @@ runs the experiment, set through its admin API while the simulated users keep se
    reciprocal rank, and the interleaving win rate, with 95% intervals, and the queries each needs to
    detect the offline gap's direction 80% of the time.
 
-    python loadtest/online_eval.py [--impressions 3000] [--click-model cascade] [--out results/online_eval]
+    python loadtest/online_eval.py [--impressions 10000] [--click-model cascade] [--out results/online_eval]
 
 The weakened model of the third pair is the MLP trained for one epoch (`mlp-ranknet-weak`), trained
 and exported here when missing. Results: results/online_eval/<cpu>-<isa>.{md,json} with the environment
@@ -183,7 +183,7 @@ def run(impressions: int, click_model: str, work: Path, seed: int = 0) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impressions", type=int, default=3000, help="searches per method per pair")
+    parser.add_argument("--impressions", type=int, default=10000, help="searches per method per pair")
     parser.add_argument("--click-model", choices=sorted(CLICK_MODELS), default="cascade")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "artifacts" / "online_eval")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     from loadtest.retrain_report import write_results
 
     report = run(args.feedback_impressions, args.seconds, args.online_impressions, args.work)

@@ -39,7 +39,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.data import LTRDataset, LTRSplit
-from models.paths import REPO_ROOT
+from models.paths import REPO_ROOT, model_dir
 
 logger = logging.getLogger("rankserve.retrain")
 
@@ -121,7 +121,7 @@ def export_candidate(name: str, variants: list[str]) -> dict:
     from export.runtime import load_manifest
 
     subprocess.run([sys.executable, "export/quantize.py", "--arch", "mlp", "--checkpoint",
-                    str(REPO_ROOT / "artifacts" / "models" / name), "--variants", "torch-eager", *variants,
+                    str(model_dir(name)), "--variants", "torch-eager", *variants,
                     "--skip-bench"], cwd=REPO_ROOT, check=True, timeout=900, capture_output=True)
     return load_manifest(name)
 
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shuffle-labels", action="store_true", help="a deliberately bad candidate")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     token = os.environ.get(ADMIN_TOKEN_ENV, "")
     feedback = [json.loads(line) for line in args.feedback.read_text().splitlines() if line]
     dataset = load_dataset("synthetic")
