@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rankserve-installed
 
-.PHONY: venv lab test bench losses lint selftest faults two-stage cache clean-artifacts
+.PHONY: venv lab test bench losses lint selftest faults two-stage cache lifecycle clean-artifacts
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ cache: venv
 # The two-stage ladder in full (every index kind and K, int8 and fp32, Milvus Lite): results/two_stage/<cpu>-<isa>-full.md
 two-stage: venv
 	$(PY) loadtest/two_stage.py --profile full
+
+# The model lifecycle (docs/lifecycle.md): offline-online alignment (A/B and interleaving on three model pairs,
+# about 5 minutes), the drift scenario (1 minute) and retraining with its two gates (about 2 minutes):
+# results/online_eval/<cpu>-<isa>{,-drift,-retrain}.md
+lifecycle: venv
+	$(PY) loadtest/online_eval.py
+	$(PY) serve/drift.py reference
+	$(PY) loadtest/drift_run.py
+	$(PY) loadtest/retrain_run.py
 
 test: venv
 	$(PY) -m pytest

@@ -53,9 +53,11 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.admission import Overloaded
 from serve.config import MODEL_FIELDS, ServiceConfig
+from serve.experiment import ExperimentConfig, RunningExperiment, load_arms
 from serve.http_app import HttpService, build_http_app, freeze_startup_objects
 from serve.metrics import ServiceMetrics
 from serve.ray_setup import DEPLOYMENT_SHUTDOWN_OPTIONS, ray_metrics_enabled
+from serve.schemas import RequestError
 from serve.scoring import ScoreOutcome, local_outcome, model_identity, model_of, name_of, timed_score
 
 logger = logging.getLogger("ray.serve")
@@ -178,6 +180,18 @@ class RayHttpService(HttpService):
                                 route_prefix=new_config.route_prefix)
         return await self.backend.probe()
 
+    async def load_experiment(self, experiment: ExperimentConfig | None) -> RunningExperiment | None:
+        """Redeploy with the experiment in the replicas' user_config: every replica loads the arms in
+        `RankingService.reconfigure` (colocated only: split's ranker serves one model)."""
+        if self.config.topology != "colocated":
+            raise RequestError(409, "experiment", "the split topology's ranker serves one model; deploy colocated")
+        from serve.app import build_app
+
+        new_config = self.config.model_copy(update={"experiment": experiment})
+        await asyncio.to_thread(serve.run, build_app(new_config), name=new_config.app_name,
+                                route_prefix=new_config.route_prefix)
+        return self.core.experiment  # set by this replica's reconfigure
+
 
 def _service_for(config: ServiceConfig, backend: Any) -> RayHttpService:
     """A replica's service; $REDIS_URL is read here, never written into the config (a swap redeploys it)."""
@@ -218,6 +232,15 @@ class RankingService(ReplicaScorer):
     async def reconfigure(self, config: dict[str, Any]) -> None:
         await ReplicaScorer.reconfigure(self, config)
         self.service.config = _with_model(self.service.config, config)
+        experiment = ExperimentConfig(**config["experiment"]) if config.get("experiment") else None
+        running = self.service.core.experiment
+        if experiment != (running.config if running else None):  # load the arms here, then switch at once
+            settings = self.service.config
+            self.service.core.experiment = None if experiment is None else await asyncio.to_thread(
+                load_arms, experiment, model=settings.model, manifest_path=settings.manifest_path,
+                threads=settings.threads, inline_max_docs=settings.inline_max_docs)
+            self.service.config = settings.model_copy(update={"experiment": experiment})
+            freeze_startup_objects(collect=False)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -308,9 +331,6 @@ def deployment_options(config: ServiceConfig) -> dict[str, dict[str, Any]]:
 
 def build_app(config: ServiceConfig) -> serve.Application:
     """The Serve application for one configuration."""
-    if config.experiment is not None:
-        raise ValueError("experiment: served by plain uvicorn (serve/uvicorn_server.py --experiment) in this "
-                         "version, not by the Ray Serve app")
     options = deployment_options(config)
     if config.topology == "colocated":
         service = RankingService.options(**options["RankingService"]).options(

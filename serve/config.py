@@ -128,7 +128,7 @@ class ServiceConfig(BaseModel):
     search_dataset: str = Field("two_stage", description="feature-store dataset of the candidates' rows")
     search_max_candidates: int = Field(2000, ge=1, description="most candidates (K) one /search may ask for")
 
-    # Online experiment (serve/experiment.py): plain uvicorn only in this version.
+    # Online experiment (serve/experiment.py): plain uvicorn, or the colocated Ray app (each replica loads every arm).
     experiment: ExperimentConfig | None = Field(
         None, description="an A/B split between arms or team-draft interleaving of two; None: the model above answers")
 
@@ -146,6 +146,8 @@ class ServiceConfig(BaseModel):
             self.batching = self.topology == "split"
         if self.topology == "colocated" and self.ingress_replicas != 1:
             raise ValueError("ingress_replicas: only for topology 'split' (colocated scales with replicas)")
+        if self.experiment is not None and self.topology == "split":
+            raise ValueError("experiment: the split topology's ranker serves one model; use colocated")
         if self.autoscaling_max_replicas is not None and self.autoscaling_max_replicas < self.replicas:
             raise ValueError(f"autoscaling_max_replicas: must be >= replicas ({self.replicas}), "
                              f"got {self.autoscaling_max_replicas}")
@@ -214,6 +216,7 @@ class ServiceConfig(BaseModel):
             "batching": self.batching,
             "max_batch_docs": self.max_batch_docs,
             "batch_wait_ms": self.batch_wait_ms,
+            "experiment": self.experiment.model_dump() if self.experiment is not None else None,
         }
 
     def model_user_config(self) -> dict[str, Any]:

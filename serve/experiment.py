@@ -85,3 +85,21 @@ class RunningExperiment:
     config: ExperimentConfig
     backends: dict[str, Any]  # serve.scoring.ScoringBackend per arm name
     n_features: int
+
+
+def load_arms(experiment: ExperimentConfig, *, model: str | None, manifest_path: str | None, threads: int,
+              inline_max_docs: int) -> RunningExperiment:
+    """A scorer per arm in this process, each behind a LocalBackend (blocking: loads the models).
+    `model` is the server's, for arms that name none. RequestError(422, "arms") if the arms' models
+    take different feature counts: one body cannot feed them all."""
+    from export.runtime import load_scorer
+    from serve.schemas import RequestError
+    from serve.scoring import LocalBackend
+
+    scorers = {arm.name: load_scorer(arm.variant, arm.model or model, threads=threads, manifest_path=manifest_path)
+               for arm in experiment.arms}
+    widths = {name: scorer.n_features for name, scorer in scorers.items()}
+    if len(set(widths.values())) != 1:
+        raise RequestError(422, "arms", f"the arms' models take different feature counts: {widths}")
+    return RunningExperiment(experiment, {name: LocalBackend(scorer, inline_max_docs) for name, scorer in scorers.items()},
+                             next(iter(widths.values())))

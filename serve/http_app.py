@@ -167,17 +167,13 @@ class HttpService:
     async def set_experiment(self, experiment: ExperimentConfig | None) -> tuple[int, dict[str, Any]]:
         """(status, body) of PUT / DELETE /admin/experiment: 422 naming the arm's field for a model or
         variant that cannot be served (or arms whose models take different feature counts), 409 when
-        this server cannot run experiments or loading failed, else 200 with the experiment now in force.
-        The arms are loaded beside the serving model, then switched to in one assignment: requests
-        keep being answered throughout."""
-        if experiment is None:
-            self.core.experiment = None
-            self.config = self.config.model_copy(update={"experiment": None})
-            return 200, {"experiment": None}
-        try:
-            await asyncio.to_thread(checked_experiment, self.config, experiment)
-        except RequestError as exc:
-            return exc.status, exc.to_dict()
+        loading failed, else 200 with the experiment now in force. The arms are loaded beside the
+        serving model, then switched to in one assignment: requests keep being answered throughout."""
+        if experiment is not None:
+            try:
+                await asyncio.to_thread(checked_experiment, self.config, experiment)
+            except RequestError as exc:
+                return exc.status, exc.to_dict()
         try:
             running = await self.load_experiment(experiment)
         except RequestError as exc:
@@ -187,12 +183,11 @@ class HttpService:
             return 409, {"detail": f"experiment failed to load: {exc}"}
         self.core.experiment = running
         self.config = self.config.model_copy(update={"experiment": experiment})
-        return 200, {"experiment": experiment.model_dump()}
+        return 200, {"experiment": experiment.model_dump() if experiment else None}
 
-    async def load_experiment(self, experiment: ExperimentConfig) -> RunningExperiment:
-        """Load a scoring backend per arm, in this server's way."""
-        raise RequestError(409, "experiment", "experiments are served by plain uvicorn (serve/uvicorn_server.py) "
-                                              "in this version, not by the Ray Serve app")
+    async def load_experiment(self, experiment: ExperimentConfig | None) -> RunningExperiment | None:
+        """The experiment's arms, loaded in this server's way (every replica's, on Ray); None ends it."""
+        raise NotImplementedError
 
 
 def freeze_startup_objects(*, collect: bool = True) -> None:

@@ -35,10 +35,9 @@ from serve.admission import add_admission_options  # noqa: E402
 from serve.config import DEFAULT_VARIANT, ServiceConfig  # noqa: E402
 from serve.drift import drift_arg  # noqa: E402
 from serve.encoding import ParseMode  # noqa: E402
-from serve.experiment import ExperimentConfig, RunningExperiment  # noqa: E402
+from serve.experiment import ExperimentConfig, RunningExperiment, load_arms  # noqa: E402
 from serve.http_app import HttpService, build_http_app, freeze_startup_objects  # noqa: E402
 from serve.metrics import ServiceMetrics  # noqa: E402
-from serve.schemas import RequestError  # noqa: E402
 from serve.scoring import LocalBackend  # noqa: E402
 from serve.search import add_search_options  # noqa: E402
 
@@ -59,24 +58,17 @@ class LocalHttpService(HttpService):
         freeze_startup_objects(collect=False)  # the new model's objects too
         return await self.backend.probe()
 
-    async def load_experiment(self, experiment: ExperimentConfig) -> RunningExperiment:
-        running = await asyncio.to_thread(load_experiment, self.config, experiment)
+    async def load_experiment(self, experiment: ExperimentConfig | None) -> RunningExperiment | None:
+        if experiment is None:
+            return None
+        running = await asyncio.to_thread(arms_of, self.config, experiment)
         freeze_startup_objects(collect=False)
         return running
 
 
-def load_experiment(config: ServiceConfig, experiment: ExperimentConfig) -> RunningExperiment:
-    """A LocalBackend per arm (blocking: loads the models). RequestError(422) if the arms' models take
-    different feature counts: one body cannot feed them all."""
-    from export.runtime import load_scorer
-
-    scorers = {arm.name: load_scorer(arm.variant, arm.model or config.model, threads=config.threads,
-                                     manifest_path=config.manifest_path) for arm in experiment.arms}
-    widths = {name: scorer.n_features for name, scorer in scorers.items()}
-    if len(set(widths.values())) != 1:
-        raise RequestError(422, "arms", f"the arms' models take different feature counts: {widths}")
-    return RunningExperiment(experiment, {name: LocalBackend(scorer, config.inline_max_docs)
-                                          for name, scorer in scorers.items()}, next(iter(widths.values())))
+def arms_of(config: ServiceConfig, experiment: ExperimentConfig) -> RunningExperiment:
+    return load_arms(experiment, model=config.model, manifest_path=config.manifest_path, threads=config.threads,
+                     inline_max_docs=config.inline_max_docs)
 
 
 def create_app(config: ServiceConfig, scorer: Any = None, parse_mode: ParseMode = "fast", *,
@@ -93,7 +85,7 @@ def create_app(config: ServiceConfig, scorer: Any = None, parse_mode: ParseMode 
     service = LocalHttpService(config, LocalBackend(scorer, config.inline_max_docs), metrics=ServiceMetrics(use_ray=False),
                                parse_mode=parse_mode, redis_url=config.redis_url, cache_needs_redis=True)
     if config.experiment is not None:  # --experiment FILE: in force from the first request
-        service.core.experiment = load_experiment(config, config.experiment)
+        service.core.experiment = arms_of(config, config.experiment)
     return build_http_app(service, title=title, description=description)
 
 

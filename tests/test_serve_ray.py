@@ -343,6 +343,35 @@ def test_split_swap_keys_the_cache_on_the_new_model(service: dict, http: httpx.C
     assert http.post(f"{url}/rank", json=compact(qid, ids, X)).json()["model"] == before["model"]
 
 
+def test_an_experiment_reaches_the_colocated_replicas_and_ends(service: dict, http: httpx.Client, scorer) -> None:
+    """PUT /admin/experiment on the Ray app redeploys it: each replica loads every arm, answers name
+    their arm by the user's hash; split refuses (its ranker serves one model); DELETE ends it."""
+    from serve.experiment import USER_HEADER, ExperimentConfig, assign
+
+    url = f"{service['url']}/u"
+    body = {"arms": [{"name": "fp32", "variant": "onnx-fp32"}, {"name": "opt", "variant": "onnx-fp32-opt"}],
+            "salt": "ray"}
+    assert http.put(f"{url}/admin/experiment", json=body).status_code == 401
+    put = http.put(f"{url}/admin/experiment", json=body, headers=ADMIN, timeout=180)
+    assert put.status_code == 200, put.text
+    config = ExperimentConfig(**body)
+    ids, X = make_list(10, scorer.n_features, seed=21)
+    seen = set()
+    for i in range(12):
+        user = f"user-{i}"
+        answer = http.post(f"{url}/rank", content=encode_msgpack(unique_qid("exp"), ids, X),
+                           headers={"content-type": "application/msgpack", USER_HEADER: user}).json()
+        arm = assign(user, config)
+        assert answer["arm"] == arm.name and answer["model"]["variant"] == arm.variant
+        seen.add(arm.name)
+    assert seen == {"fp32", "opt"}
+    refused = http.put(f"{service['url']}/s/admin/experiment", json=body, headers=ADMIN, timeout=60)
+    assert refused.status_code == 409 and refused.json()["field"] == "experiment"
+    assert http.delete(f"{url}/admin/experiment", headers=ADMIN, timeout=180).status_code == 200
+    answer = http.post(f"{url}/rank", json=compact(unique_qid("exp"), ids, X), headers={USER_HEADER: "user-1"}).json()
+    assert "arm" not in answer and answer["model"]["variant"] == "onnx-fp32"
+
+
 def test_uvicorn_and_ray_serve_the_same_routes(service: dict, http: httpx.Client, scorer) -> None:
     """One FastAPI app, built once: the same paths and methods on Ray (both topologies) and plain uvicorn."""
 
