@@ -2,6 +2,10 @@
 # Both create or reuse the project-local .venv.
 SHELL := /bin/bash
 PYTHON ?= python3
+# Where torch's CPU wheel comes from: empty keeps pip's configured index (these machines' mirror has the
+# CPU build). Elsewhere on Linux the default index's torch is the CUDA build: pass
+# `make lab TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX_URL ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rankserve-installed
@@ -12,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned to the CPU wheel, so that no resolver pulls a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -108,9 +108,10 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
 
 
 def write_tables(manifest: Manifest, results_dir: Path, environment: dict) -> tuple[Path, Path]:
-    """Write `<cpu-slug>-<arch>.md` and `.csv`; returns both paths."""
+    """Write `<cpu>-<isa>-<arch>.md` and `.csv` (named by the ISA too: one CPU model name covers
+    machines with and without AVX-512 VNNI here, and their tables must sit side by side); returns both."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    stem = results_dir / f"{cpu_slug(environment)}-{manifest.model.arch}"
+    stem = results_dir / f"{results_stem(environment, 'quick')}-{manifest.model.arch}"
     roofs = manifest.roofs
     parts = [
         f"# Variants of `{manifest.model.name}` (version {manifest.model.version}) on {environment['cpu']['model']}",

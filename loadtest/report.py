@@ -78,6 +78,13 @@ def summary_markdown(run: Run, summary: pd.DataFrame, breakdown: pd.DataFrame, s
     from models.environment import environment_markdown
 
     lines = [f"# Sweep `{run.sweep.get('name', run.path.name)}`: {run.path.name}", ""]
+    if run.environment.get("cpu"):
+        from export.report import isa_slug
+
+        cpu = run.environment["cpu"]
+        lines += [f"Machine: {cpu.get('model', 'unknown CPU')}, instruction set **{isa_slug(run.environment)}** "
+                  "(it decides which int8 kernels ONNX Runtime can use; results/models/<cpu>-<isa>-<arch>.md has "
+                  "this machine's measured int8 and fp32 roofs).", ""]
     if run.sweep.get("description"):
         lines += [str(run.sweep["description"]).strip(), ""]
     lines += _intro(run)

@@ -179,6 +179,10 @@ def test_benchmark_fields_and_results_table() -> None:
         assert row.roof == ("int8" if entry.precision == "int8" else "fp32") and row.roof_fraction > 0
     tables = list(built.results_dir.glob("*-mlp.md"))
     assert len(tables) == 1
+    from export.report import isa_slug
+    from models.environment import collect_environment
+
+    assert tables[0].name.endswith(f"-{isa_slug(collect_environment())}-mlp.md")  # named by the ISA too
     text = tables[0].read_text()
     for name in VARIANTS:
         assert f"| {name} |" in text

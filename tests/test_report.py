@@ -4,6 +4,7 @@ shown with its status and never taken as best, degraded answers are counted apar
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import statistics
@@ -263,3 +264,13 @@ def test_the_generator_self_test_is_quoted_only_from_a_cpu_with_the_same_isa(mon
     assert "14,000" not in report.generators_line(run) and "other ISA flags" in report.generators_line(run)
     test["environment"]["cpu"]["isa_flags"] = ["avx2", "avx"]
     assert "14,000 requests/s" in report.generators_line(run)
+
+
+def test_the_summary_names_the_machines_instruction_set(run: Path) -> None:
+    from models.environment import collect_environment
+
+    environment = collect_environment()
+    environment["cpu"].update(model="AMD EPYC", isa_flags=["avx2", "avx512f", "avx512_vnni"])
+    (run / "environment.json").write_text(json.dumps({"device": "cpu", **environment}))
+    text = report.write_report(run, plots=False)
+    assert "Machine: AMD EPYC, instruction set **avx512-vnni**" in text
