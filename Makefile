@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rankserve-installed
 
-.PHONY: venv lab test bench losses lint selftest faults two-stage cache lifecycle clean-artifacts
+.PHONY: venv lab test bench losses lint selftest faults two-stage cache lifecycle widths clean-artifacts
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ cache: venv
 # The two-stage ladder in full (every index kind and K, int8 and fp32, Milvus Lite): results/two_stage/<cpu>-<isa>-full.md
 two-stage: venv
 	$(PY) loadtest/two_stage.py --profile full
+
+# Where int8 starts to pay as the MLP grows (68K, 250K and 1M multiply-adds per document; about 6 minutes):
+# results/models/<cpu>-<isa>-mlp-widths.md
+widths: venv
+	$(PY) export/width_curve.py
 
 # The model lifecycle (docs/lifecycle.md): offline-online alignment (A/B and interleaving on three model pairs,
 # about 5 minutes), the drift scenario (1 minute) and retraining with its two gates (about 2 minutes):

@@ -50,6 +50,7 @@ class TrainArgs:
     loss: str | None = None  # None: DEFAULT_LOSS[arch]
     seed: int = 0
     n_queries: int | None = None
+    hidden: tuple[int, ...] | None = None  # MLP hidden sizes; None: RankerConfig's (256, 128), 68K multiply-adds/doc
     epochs: int = 40
     max_seconds: float | None = 300.0
     patience: int = 6
@@ -69,6 +70,8 @@ class TrainArgs:
             raise ValueError(f"loss: unknown {loss!r}; choose from {', '.join(LOSSES)}")
         if self.arch not in DEFAULT_LOSS:
             raise ValueError(f"arch: must be one of {', '.join(DEFAULT_LOSS)}, got {self.arch!r}")
+        if self.hidden is not None and (self.arch != "mlp" or not self.hidden or min(self.hidden) < 1):
+            raise ValueError(f"hidden: positive MLP layer sizes, for --arch mlp only; got {self.hidden}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size: must be >= 1, got {self.epochs} and {self.batch_size}")
         lr = self.lr if self.lr is not None else (2e-3 if self.arch == "mlp" else 1e-3)
@@ -139,7 +142,8 @@ def train(args: TrainArgs | argparse.Namespace, dataset: LTRDataset | None = Non
     if dataset is None:
         dataset = load_dataset(args.data, seed=args.seed, n_queries=args.n_queries)
 
-    config = RankerConfig(arch=args.arch, n_features=dataset.n_features)
+    config = RankerConfig(arch=args.arch, n_features=dataset.n_features,
+                          **({"hidden": tuple(args.hidden)} if args.hidden else {}))
     mean, std = fit_normalizer(dataset.train.X, log_features=config.log_features)
     model = build_ranker(config, mean, std)
     loss_fn = LOSSES[args.loss].fn
@@ -249,6 +253,9 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--max-len", type=int, default=defaults.max_len, help="docs per list in training; 0 = all")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads; 0 = all cores")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None, metavar="N",
+                        help="MLP hidden layer sizes (default 256 128: 68K multiply-adds per document; "
+                             "e.g. 640 256: 250K, 1152 768: 1M); the model card and every export keep them")
     parser.add_argument("--name", default=None, help="checkpoint name (default <arch>-<loss>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     ns = parser.parse_args(argv)

@@ -106,3 +106,28 @@ def test_compare_losses_writes_markdown_and_csv(tmp_path, artifacts):
     assert "listnet" in text and "ndcg@10" in text and "| CPU |" in text
     csv = (tmp_path / "ltr_losses.csv").read_text().splitlines()
     assert csv[0].startswith("model,loss,family,ndcg@1") and len(csv) == 3
+
+
+def test_the_mlp_size_option_round_trips_through_the_checkpoint_and_export(tiny, artifacts, tmp_path):
+    """`--hidden 48 16`: the model card keeps the sizes, the checkpoint rebuilds them, and the ONNX export
+    holds weights of those shapes and scores as the torch model does."""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.onnx_export import export_onnx
+    from export.runtime import OrtScorer
+
+    assert parse_args(["--hidden", "48", "16"]).hidden == [48, 16]
+    with pytest.raises(ValueError, match="hidden"):
+        TrainArgs(arch="attention", hidden=(32,)).resolved()
+    result = train(TrainArgs(arch="mlp", hidden=(48, 16), epochs=1, max_seconds=30, threads=1, quiet=True,
+                             name="mlp-wide"), dataset=tiny)
+    assert result.card["config"]["hidden"] == [48, 16]
+    model, card = load_checkpoint(result.checkpoint_dir)
+    assert card["config"]["hidden"] == [48, 16] and card["params"] == result.card["params"]
+    path = export_onnx(model, 136, tmp_path / "wide.onnx", pointwise=True)
+    shapes = {tuple(numpy_helper.to_array(t).shape) for t in onnx.load(str(path)).graph.initializer}
+    assert {(136, 48), (48, 16)} & shapes or {(48, 136), (16, 48)} & shapes, shapes
+    X = tiny.test.query(0)[0]
+    scores = OrtScorer(path, pointwise=True, n_features=136).score_documents(X)
+    np.testing.assert_allclose(scores, score_split(model, tiny.test)[: len(X)], atol=1e-4)

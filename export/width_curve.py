@@ -1,0 +1,137 @@
+"""Where int8 starts to pay as the MLP grows: the same variants at several widths, side by side.
+
+Why: the default MLP (256 x 128 hidden, 68K multiply-adds per document) is small, and int8's gain is
+eaten by the work around the integer products (quantizing activations per call, dequantizing). A
+wider layer does more multiply-adds per byte moved, so the int8 kernels' advantage (the machine's
+int8 roof over its fp32 roof) shows more. Each width is trained (models/train.py `--hidden`),
+exported, gated and benchmarked by export/quantize.py exactly as the lab's models are, one thread;
+this script only runs them and sets their figures side by side.
+
+    python export/width_curve.py [--widths 256x128 640x256 1152x768] [--train-seconds 30]
+
+Writes results/models/<cpu>-<isa>-mlp-widths.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.report import results_stem
+from models.environment import collect_environment, environment_markdown
+from models.paths import REPO_ROOT, model_dir, variants_dir
+
+VARIANTS = ("onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static")
+SIZES = (100, 1000)
+PAYS = 1.1  # int8 "pays" from a speed-up over onnx-fp32 of at least this much
+
+
+def width_name(hidden: tuple[int, ...]) -> str:
+    return "mlp-w" + "x".join(map(str, hidden))
+
+
+def build(hidden: tuple[int, ...], train_seconds: float, work: Path) -> dict:
+    """Train (unless the checkpoint exists), export, gate and benchmark one width; its manifest."""
+    name = width_name(hidden)
+    if not (model_dir(name) / "model_card.json").exists():
+        subprocess.run([sys.executable, "models/train.py", "--arch", "mlp", "--hidden", *map(str, hidden), "--name",
+                        name, "--max-seconds", str(train_seconds), "--quiet"], cwd=REPO_ROOT, check=True, timeout=1800)
+    subprocess.run([sys.executable, "export/quantize.py", "--arch", "mlp", "--checkpoint", str(model_dir(name)),
+                    "--variants", "torch-eager", *VARIANTS, "--threads", "1", "--sizes", *map(str, SIZES),
+                    "--results-dir", str(work / name)], cwd=REPO_ROOT, check=True, timeout=1800)
+    return json.loads((variants_dir(name) / "manifest.json").read_text())
+
+
+def rows_of(hidden: tuple[int, ...], manifest: dict) -> list[dict[str, Any]]:
+    def cell(variant: str, n_docs: int) -> dict:
+        entry = manifest["variants"][variant]
+        return next(r for r in entry["benchmark"] if r["threads"] == 1 and r["n_docs"] == n_docs
+                    and r["device"] == "cpu")
+
+    rows = []
+    for variant in VARIANTS:
+        entry = manifest["variants"][variant]
+        row: dict[str, Any] = {"hidden": list(hidden), "macs_per_doc": manifest["model"]["macs_per_document"]["1000"],
+                               "variant": variant, "valid": entry["valid"],
+                               "retention": entry["accuracy"]["retention"]}
+        for n in SIZES:
+            c, base = cell(variant, n), cell("onnx-fp32", n)
+            row[f"docs_per_s@{n}"] = c["docs_per_s"]
+            row[f"speedup@{n}"] = c["docs_per_s"] / base["docs_per_s"]
+            row[f"roof_fraction@{n}"] = c["roof_fraction"]
+        rows.append(row)
+    return rows
+
+
+def findings(rows: list[dict], roofs: dict) -> list[str]:
+    int8 = [r for r in rows if r["variant"] != "onnx-fp32" and r["valid"]]
+    out = [f"Roofs on this machine, 1 thread: int8 {roofs['int8']['1'] / 1e9:.1f} G multiply-adds/s against fp32 "
+           f"{roofs['fp32']['1'] / 1e9:.1f} G ({roofs['int8']['1'] / roofs['fp32']['1']:.2f}x): the most any int8 "
+           "variant can gain over fp32 at equal efficiency."]
+    for n in SIZES:
+        paying = sorted({r["macs_per_doc"] for r in int8 if r[f"speedup@{n}"] >= PAYS})
+        best = max(int8, key=lambda r: r[f"speedup@{n}"], default=None)
+        if best is None:
+            continue
+        out.append(f"At {n} documents, the best valid int8 variant ran {best[f'speedup@{n}']:.2f}x onnx-fp32 "
+                   f"({best['variant']}, {best['macs_per_doc'] / 1e3:,.0f}K multiply-adds per document, "
+                   f"{best[f'roof_fraction@{n}']:.0%} of the int8 roof); int8 paid ({PAYS}x or more) "
+                   + (f"from {paying[0] / 1e3:,.0f}K multiply-adds per document." if paying else "at no width measured."))
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Where int8 starts to pay: the MLP at several widths", "",
+             f"Written by `python export/width_curve.py --widths {' '.join('x'.join(map(str, w)) for w in report['widths'])}"
+             f" --train-seconds {report['train_seconds']:g}`.", "", "## Findings (computed from the rows)", "",
+             *[f"- {line}" for line in findings(report["rows"], report["roofs"])], "",
+             "| hidden | multiply-adds / doc | variant | valid | retention | docs/s @100 | x fp32 @100 | docs/s @1000 "
+             "| x fp32 @1000 | roof fraction @1000 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["rows"]:
+        lines.append(f"| {'x'.join(map(str, r['hidden']))} | {r['macs_per_doc']:,.0f} | {r['variant']} | "
+                     f"{'yes' if r['valid'] else 'no'} | {r['retention']:.4f} | {r['docs_per_s@100']:,.0f} | "
+                     f"{r['speedup@100']:.2f}x | {r['docs_per_s@1000']:,.0f} | {r['speedup@1000']:.2f}x | "
+                     f"{r['roof_fraction@1000']:.0%} |")
+    lines += ["", "How to read it: each width trained for at most the given seconds on the synthetic data, then "
+              "export/quantize.py built, gated (NDCG@10 retention against its own torch model) and benchmarked "
+              "each variant, 1 thread, one list per call, as in the lab's tables. Roof fraction: achieved "
+              "multiply-adds per second over the int8 roof (int8 variants) or the fp32 roof (onnx-fp32).",
+              "", environment_markdown(report["environment"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--widths", nargs="+", default=["256x128", "640x256", "1152x768"],
+                   help="hidden sizes per width, e.g. 640x256")
+    p.add_argument("--train-seconds", type=float, default=30.0)
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "models")
+    p.add_argument("--work", type=Path, default=REPO_ROOT / "artifacts" / "width_curve")
+    args = p.parse_args(argv)
+    widths = [tuple(int(h) for h in w.split("x")) for w in args.widths]
+    rows, roofs = [], None
+    for hidden in widths:
+        manifest = build(hidden, args.train_seconds, args.work)
+        rows += rows_of(hidden, manifest)
+        roofs = manifest["roofs"]
+    environment = collect_environment()
+    report = {"widths": [list(w) for w in widths], "train_seconds": args.train_seconds, "rows": rows,
+              "roofs": roofs, "environment": environment}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{results_stem(environment, 'quick')}-mlp-widths"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {stem.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
