@@ -1,0 +1,190 @@
+"""Which int8 recipe wins on this machine: static quantization's format, calibration and weight
+granularity, against dynamic quantization, each measured for speed and accuracy.
+
+Why a study beside the lab's variants: the lab builds one static recipe (QDQ, MinMax, granularity
+chosen by score error) and one dynamic one. What the int8 kernels can do depends on the instruction
+set (VNNI or not), so the recipes are measured on each machine and the figures kept, with the one
+that wins. Every attempt is built with onnxruntime.quantization (ONNX Runtime's own tool), gated on
+NDCG@10 retention against the checkpoint's torch model as every variant is, and timed one list per
+call at 100 and 1000 documents on one thread (export/benchmark.py's `time_calls`).
+
+Attempts: static in QDQ form (ONNX Runtime fuses QDQ pairs into integer kernels when it loads the
+graph) and in QOperator form (QLinearMatMul: activations stay integer between the layers), each with
+MinMax, Entropy and Percentile calibration, per-tensor and per-channel weights; dynamic, per-tensor
+and per-channel. Activations u8, weights s8 throughout (the VNNI pairing).
+
+    python export/int8_attempts.py [--checkpoint artifacts/models/mlp-ranknet]
+
+Writes results/models/<cpu>-<isa>-<model>-int8-attempts.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.accuracy import gate, score_split
+from export.benchmark import BenchConfig, one_list_call, sample_list, time_calls
+from export.report import results_stem
+from export.runtime import OrtScorer, TorchScorer
+from export.variants import DENSE_OPS, BuildContext, _quiet, gemm_to_matmul, weight_dense_nodes
+from models.environment import collect_environment, environment_markdown
+from models.paths import REPO_ROOT, model_dir
+from models.rankers import RankerConfig, multiply_adds_per_document
+
+CALIBRATION_QUERIES = 32
+SIZES = (100, 1000)
+
+
+def attempts() -> list[dict[str, Any]]:
+    """Every recipe tried: name and options."""
+    out: list[dict[str, Any]] = [{"kind": "dynamic", "per_channel": pc} for pc in (False, True)]
+    for fmt, method, pc in itertools.product(("QDQ", "QOperator"), ("MinMax", "Entropy", "Percentile"), (False, True)):
+        out.append({"kind": "static", "format": fmt, "calibration": method, "per_channel": pc})
+    return out
+
+
+def label(attempt: dict) -> str:
+    weights = "per-channel" if attempt["per_channel"] else "per-tensor"
+    if attempt["kind"] == "dynamic":
+        return f"dynamic, {weights}"
+    return f"static {attempt['format']}, {attempt['calibration']}, {weights}"
+
+
+def build(attempt: dict, ctx: BuildContext, target: Path) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    source = ctx.onnx_fp32()
+    if attempt["kind"] == "dynamic":
+        with tempfile.TemporaryDirectory() as tmp:
+            matmul = Path(tmp) / "matmul.onnx"
+            import onnx
+
+            model = gemm_to_matmul(onnx.load(str(source)))
+            onnx.save(model, str(matmul))
+            _quiet(lambda: quantize_dynamic(str(matmul), str(target), op_types_to_quantize=["MatMul"],
+                                            nodes_to_quantize=weight_dense_nodes(model),
+                                            per_channel=attempt["per_channel"], weight_type=QuantType.QInt8))
+        return
+    import onnx
+
+    nodes = weight_dense_nodes(onnx.load(str(source)))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(ctx.calibration_feeds(CALIBRATION_QUERIES))
+
+        def get_next(self) -> dict | None:
+            return next(self.feeds, None)
+
+    _quiet(lambda: quantize_static(
+        str(source), str(target), Reader(), quant_format=getattr(QuantFormat, attempt["format"]),
+        op_types_to_quantize=list(DENSE_OPS), nodes_to_quantize=nodes, per_channel=attempt["per_channel"],
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=getattr(CalibrationMethod, attempt["calibration"]),
+        extra_options={"WeightSymmetric": True}))
+
+
+def measure(path: Path, ctx: BuildContext, test: Any, reference: np.ndarray, bench: BenchConfig) -> dict[str, Any]:
+    scorer = OrtScorer(path, pointwise=ctx.pointwise, n_features=ctx.n_features, threads=1)
+    report = gate(reference, score_split(scorer, test), test)
+    ops = sorted({n.op_type for n in __import__("onnx").load(str(path)).graph.node})
+    row: dict[str, Any] = {"retention": report.retention, "valid": report.valid, "ops": ops}
+    for n in SIZES:
+        times = time_calls(one_list_call(scorer, sample_list(test.X, n)), bench)
+        row[f"p50_ms@{n}"] = float(np.median(times) * 1e3)
+        row[f"docs_per_s@{n}"] = n / float(np.median(times))
+    return row
+
+
+def run(checkpoint: Path) -> dict[str, Any]:
+    from export.quantize import dataset_of
+    from models.train import load_checkpoint
+
+    model, card = load_checkpoint(checkpoint)
+    if not card["pointwise"]:
+        raise SystemExit("int8_attempts: the MLP (pointwise) only; the attention ranker's graph is another study")
+    dataset = dataset_of(card)
+    test = dataset.test
+    bench = BenchConfig()
+    reference = score_split(TorchScorer(model, pointwise=True, n_features=card["n_features"]), test)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = BuildContext(model=model, checkpoint=checkpoint, pointwise=True, n_features=card["n_features"],
+                           out_dir=Path(tmp), calibration=dataset.train.subset(range(CALIBRATION_QUERIES)))
+        fp32 = measure(ctx.onnx_fp32(), ctx, test, reference, bench)
+        rows.append({"attempt": "onnx-fp32 (the baseline)", **fp32})
+        for i, attempt in enumerate(attempts()):
+            target = Path(tmp) / f"attempt-{i}.onnx"
+            build(attempt, ctx, target)
+            row = {"attempt": label(attempt), **attempt, **measure(target, ctx, test, reference, bench)}
+            for n in SIZES:
+                row[f"speedup@{n}"] = row[f"docs_per_s@{n}"] / fp32[f"docs_per_s@{n}"]
+            rows.append(row)
+            print(f"{row['attempt']:<40} retention {row['retention']:.4f}  x fp32 @100 {row['speedup@100']:.2f}  "
+                  f"@1000 {row['speedup@1000']:.2f}", flush=True)
+    return {"model": card["name"], "version": card["version"],
+            "macs_per_document": multiply_adds_per_document(RankerConfig.from_dict(card["config"])),
+            "rows": rows, "environment": collect_environment()}
+
+
+def kept(report: dict) -> dict | None:
+    """The winner: the valid attempt with the most documents per second at 1000 documents."""
+    valid = [r for r in report["rows"][1:] if r["valid"]]
+    return max(valid, key=lambda r: r["docs_per_s@1000"], default=None)
+
+
+def markdown(report: dict) -> str:
+    best = kept(report)
+    lines = [f"# int8 recipes for `{report['model']}` ({report['macs_per_document']:,} multiply-adds per document)", "",
+             f"Written by `python export/int8_attempts.py --checkpoint artifacts/models/{report['model']}`.", "",
+             "## Kept (computed from the rows)", "",
+             (f"- **{best['attempt']}**: {best['speedup@1000']:.2f}x onnx-fp32 at 1000 documents, "
+              f"{best['speedup@100']:.2f}x at 100, NDCG@10 retention {best['retention']:.4f}: the valid attempt "
+              "with the most documents per second at 1000 documents." if best else "- No attempt passed the gate."),
+             "", "| attempt | retention | valid | p50 ms @100 | x fp32 @100 | p50 ms @1000 | x fp32 @1000 | ops |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["rows"]:
+        lines.append(f"| {r['attempt']} | {r['retention']:.4f} | {'yes' if r['valid'] else 'no'} | "
+                     f"{r['p50_ms@100']:.3f} | {r.get('speedup@100', 1.0):.2f}x | {r['p50_ms@1000']:.3f} | "
+                     f"{r.get('speedup@1000', 1.0):.2f}x | {', '.join(o for o in r['ops'] if o not in ('Relu', 'Add'))} |")
+    lines += ["", "How to read it: one thread, one list per call, after warm-up (export/benchmark.py). Retention: "
+              "NDCG@10 over the torch model's on the test split; valid at 0.99 or more, as in the lab's gate. "
+              "Calibration: the first 32 training lists. Activations u8, weights s8 (symmetric).", "",
+              environment_markdown(report["environment"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=model_dir("mlp-ranknet"))
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "models")
+    args = p.parse_args(argv)
+    report = run(args.checkpoint)
+    stem = args.out / f"{results_stem(report['environment'], 'quick')}-{report['model']}-int8-attempts"
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {stem.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
