@@ -60,7 +60,7 @@ class VariantEntry(_Strict):
     name: str
     description: str
     format: Literal["torch", "onnx"]
-    precision: Literal["fp32", "fp16", "int8"]
+    precision: Literal["fp32", "fp16", "bf16", "int8"]
     file: str = Field(description="path relative to the manifest's folder (a folder for torch-eager)")
     sha256: str
     size_bytes: int
@@ -97,6 +97,7 @@ class Manifest(_Strict):
     data: dict
     roofs: Roofs | None = None
     variants: dict[str, VariantEntry]
+    skipped: dict[str, str] = Field(default_factory=dict, description="variant -> why this CPU skipped it")
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -107,15 +107,21 @@ def quantize(checkpoint: Path, *, out_dir: Path | None = None, variants: list[st
                            range(min(CALIBRATION_QUERIES, dataset.train.n_queries))))
     entries: dict[str, VariantEntry] = {}
     built_paths: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
     for name in names:
         variant = VARIANTS[name]
+        reason = variant.unavailable()
+        if reason is not None:
+            skipped[name] = reason
+            log(f"  {name:18s} [yellow]skipped[/]: {reason}")
+            continue
         started = time.perf_counter()
         built = variant.build(ctx)
         built_paths[name] = built.path
 
         def open_scorer(threads: int, variant=variant, built=built):
             return open_variant(built.path, variant.format, pointwise=pointwise, n_features=n_features,
-                                threads=threads)
+                                threads=threads, precision=variant.precision)
         report = accuracy_gate(reference, score_split(open_scorer(all_threads), test), test)
         rows = [] if skip_bench else bench_scorer(
             open_scorer, test.X, bench, macs_per_doc=lambda n: multiply_adds_per_document(config, list_len=n),
@@ -145,6 +151,7 @@ def quantize(checkpoint: Path, *, out_dir: Path | None = None, variants: list[st
         data=data_info,
         roofs=roofs,
         variants={name: (entries.get(name) or kept[name]) for name in VARIANTS if name in entries or name in kept},
+        skipped=skipped,
     )
     manifest.save(manifest_path)
     log(f"manifest: {manifest_path}")

@@ -125,6 +125,8 @@ def write_tables(manifest: Manifest, results_dir: Path, environment: dict) -> tu
         "",
         markdown_table(summary_rows(manifest, "cpu")),
     ]
+    if manifest.skipped:
+        parts += ["", *[f"Skipped on this CPU: `{name}`: {reason}." for name, reason in manifest.skipped.items()]]
     gpu = summary_rows(manifest, "cuda")
     if any(r["threads"] != "-" for r in gpu):
         parts += ["", "## GPU", "", markdown_table([r for r in gpu if r["threads"] != "-"])]

@@ -120,17 +120,18 @@ class TorchScorer(Scorer):
     """
 
     def __init__(self, model: Any, *, pointwise: bool, n_features: int, threads: int = 1,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", bf16: bool = False) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.module = model.eval().to(device)
         self.pointwise, self.n_features, self.threads, self.device = pointwise, n_features, threads, device
+        self.bf16 = bf16  # torch-bf16: matmuls under torch.autocast(bfloat16)
 
     def _run(self, *arrays: np.ndarray) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
             tensors = [torch.from_numpy(a).to(self.device) for a in arrays]
             return self.module(*tensors).float().cpu().numpy()
 
@@ -171,14 +172,15 @@ def torch_device(providers: list[str] | str | None) -> str:
 
 
 def open_variant(path: Path, fmt: str, *, pointwise: bool, n_features: int, threads: int = 1,
-                 providers: list[str] | str | None = None, allow_spinning: bool = False) -> Scorer:
+                 providers: list[str] | str | None = None, allow_spinning: bool = False,
+                 precision: str = "fp32") -> Scorer:
     """A scorer over a variant file without a manifest (used while building and gating variants)."""
     if fmt == "torch":
         from models.train import load_checkpoint
 
         model, _card = load_checkpoint(Path(path))
         return TorchScorer(model, pointwise=pointwise, n_features=n_features, threads=threads,
-                           device=torch_device(providers))
+                           device=torch_device(providers), bf16=precision == "bf16")
     return OrtScorer(Path(path), pointwise=pointwise, n_features=n_features, threads=threads,
                      providers=providers, allow_spinning=allow_spinning)
 
@@ -210,6 +212,8 @@ def load_scorer(variant: str, model: str | None = None, *, threads: int = 1,
     if manifest is None:
         raise FileNotFoundError(f"{path}: no manifest; run `python export/quantize.py` first")
     entry: VariantEntry | None = manifest.variants.get(variant)
+    if entry is None and variant in manifest.skipped:
+        raise KeyError(f"variant: {variant!r} was skipped on the CPU that built {path}: {manifest.skipped[variant]}")
     if entry is None:
         raise KeyError(f"variant: {variant!r} is not in {path} (has: {sorted(manifest.variants)})")
     if not entry.valid and not allow_invalid:
@@ -221,7 +225,7 @@ def load_scorer(variant: str, model: str | None = None, *, threads: int = 1,
         raise ValueError(f"variant: {file} does not match the sha256 in {path}; rebuild with export/quantize.py")
     scorer = open_variant(file, entry.format, pointwise=manifest.model.pointwise,
                           n_features=manifest.model.n_features, threads=threads, providers=providers,
-                          allow_spinning=allow_spinning)
+                          allow_spinning=allow_spinning, precision=entry.precision)
     scorer.variant, scorer.model = variant, manifest.model.name
     scorer.version = f"{manifest.model.version}-{entry.sha256[:12]}"
     return scorer

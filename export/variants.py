@@ -66,13 +66,32 @@ class Built:
     build: dict = field(default_factory=dict)
 
 
+def always_available() -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
     description: str
     format: str  # "torch" | "onnx"
-    precision: str  # "fp32" | "fp16" | "int8"
+    precision: str  # "fp32" | "fp16" | "bf16" | "int8"
     build: Callable[[BuildContext], Built]
+    # Why this CPU cannot run the variant usefully (export/quantize.py skips it and says so), or None.
+    unavailable: Callable[[], str | None] = always_available
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def bf16_unavailable() -> str | None:
+    """bf16 pays only with native bf16 math (AVX-512 BF16 or AMX); elsewhere torch emulates it, slower
+    than fp32, so the variant is skipped rather than measured as a loss."""
+    from models.environment import cpu_flags
+
+    if cpu_flags() & set(BF16_FLAGS):
+        return None
+    return f"this CPU has neither {' nor '.join(BF16_FLAGS)} (bf16 would be emulated, slower than fp32)"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -184,6 +203,15 @@ def build_torch_eager(ctx: BuildContext) -> Built:
     for name in ("model.safetensors", "model_card.json"):
         shutil.copyfile(ctx.checkpoint / name, target / name)
     return Built(target, {"runtime": "torch eager, inference_mode"})
+
+
+def build_torch_bf16(ctx: BuildContext) -> Built:
+    """The checkpoint again, scored under torch.autocast(bfloat16): the same weights, bf16 matmuls."""
+    target = ctx.out_dir / "torch-bf16"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "model_card.json"):
+        shutil.copyfile(ctx.checkpoint / name, target / name)
+    return Built(target, {"runtime": "torch eager, inference_mode, torch.autocast('cpu', dtype=torch.bfloat16)"})
 
 
 def build_onnx_fp32(ctx: BuildContext) -> Built:
@@ -304,4 +332,6 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "onnx", "int8", build_onnx_int8_static),
     Variant("onnx-fp16", "float16 weights and math with float32 I/O, for GPU serving", "onnx", "fp16",
             build_onnx_fp16),
+    Variant("torch-bf16", "the PyTorch model under bfloat16 autocast, for CPUs with AVX-512 BF16 or AMX", "torch",
+            "bf16", build_torch_bf16, bf16_unavailable),
 ]}

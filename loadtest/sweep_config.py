@@ -32,7 +32,8 @@ M = TypeVar("M", bound=BaseModel)
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
 
 # The names of export.variants.VARIANTS (not imported: it loads torch and onnx); tests keep them equal.
-VARIANT_NAMES = ("torch-eager", "onnx-fp32", "onnx-fp32-opt", "onnx-int8-dynamic", "onnx-int8-static", "onnx-fp16")
+VARIANT_NAMES = ("torch-eager", "onnx-fp32", "onnx-fp32-opt", "onnx-int8-dynamic", "onnx-int8-static", "onnx-fp16",
+                 "torch-bf16")
 Encoding = Literal["json", "compact", "msgpack", "feature-store"]
 Scenario = Literal["steady", "ramp", "spike", "cache-mix", "list-mix"]
 SWEEP_ONLY_FIELDS = ("server", "encoding", "device")

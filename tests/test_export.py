@@ -30,7 +30,8 @@ def built(request):
 
 def test_every_variant_is_in_the_manifest_with_its_file(built) -> None:
     manifest = built.manifest
-    assert list(manifest.variants) == list(VARIANTS)
+    assert list(manifest.variants) == [name for name in VARIANTS if name not in manifest.skipped]
+    assert set(manifest.skipped) <= {name for name, v in VARIANTS.items() if v.unavailable() is not None}
     for entry in manifest.variants.values():
         assert (built.out_dir / entry.file).exists()
         assert len(entry.sha256) == 64 and entry.size_bytes > 0
@@ -184,10 +185,12 @@ def test_benchmark_fields_and_results_table() -> None:
 
     assert tables[0].name.endswith(f"-{isa_slug(collect_environment())}-mlp.md")  # named by the ISA too
     text = tables[0].read_text()
-    for name in VARIANTS:
+    for name in manifest.variants:
         assert f"| {name} |" in text
+    for name, reason in manifest.skipped.items():
+        assert f"Skipped on this CPU: `{name}`: {reason}." in text
     assert "| CPU |" in text and "speedup vs onnx-fp32" in text
-    assert tables[0].with_suffix(".csv").read_text().count("\n") == 1 + 2 * len(VARIANTS)
+    assert tables[0].with_suffix(".csv").read_text().count("\n") == 1 + 2 * len(manifest.variants)
 
 
 def test_cli_help_documents_every_flag(capsys) -> None:
@@ -207,3 +210,35 @@ def test_cli_rejects_bad_arguments(capsys) -> None:
     with pytest.raises(SystemExit):
         quantize_main(["--checkpoint", "x", "--arch", "mlp", "attention"])
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_bf16_is_skipped_with_one_clear_line_where_the_cpu_lacks_the_flags(built, tmp_path, monkeypatch) -> None:
+    import models.environment
+    from export.quantize import quantize
+
+    monkeypatch.setattr(models.environment, "cpu_flags", lambda: {"avx", "avx2", "avx512f", "avx512_vnni"})
+    lines: list[str] = []
+    manifest = quantize(built.checkpoint, out_dir=tmp_path, variants=["onnx-fp32", "torch-bf16"],
+                        dataset=built.dataset, skip_bench=True, log=lambda line, **_: lines.append(str(line)))
+    skip_lines = [line for line in lines if "torch-bf16" in line]
+    assert len(skip_lines) == 1 and "skipped" in skip_lines[0]
+    assert "neither avx512_bf16 nor amx_bf16" in skip_lines[0]
+    assert "torch-bf16" not in manifest.variants and "onnx-fp32" in manifest.variants
+    assert "neither avx512_bf16 nor amx_bf16" in manifest.skipped["torch-bf16"]
+
+
+def test_bf16_is_built_and_gated_where_the_cpu_has_the_flags(built, tmp_path, monkeypatch) -> None:
+    """With the flags (forced here: torch emulates bf16 on any CPU) the variant is built, gated on
+    NDCG@10 like the others and loads by name, scoring under bfloat16 autocast."""
+    import models.environment
+    from export.quantize import quantize
+    from export.runtime import load_scorer
+
+    monkeypatch.setattr(models.environment, "cpu_flags", lambda: {"avx512_bf16"})
+    manifest = quantize(built.checkpoint, out_dir=tmp_path, variants=["torch-bf16"], dataset=built.dataset,
+                        skip_bench=True, log=lambda *_a, **_k: None)
+    entry = manifest.variants["torch-bf16"]
+    assert entry.precision == "bf16" and not manifest.skipped
+    assert entry.accuracy.retention > 0.95 and entry.accuracy.kendall_tau > 0.9
+    scorer = load_scorer("torch-bf16", manifest_path=tmp_path / "manifest.json", allow_invalid=True)
+    assert scorer.bf16 is True

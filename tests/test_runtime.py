@@ -23,6 +23,10 @@ def built(request):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_loads_and_ranks_the_test_queries(built, variant) -> None:
+    if variant in built.manifest.skipped:
+        with pytest.raises(KeyError, match="skipped"):
+            load_scorer(variant, manifest_path=built.manifest_path)
+        return
     scorer = load_scorer(variant, manifest_path=built.manifest_path, threads=1, allow_invalid=True)
     entry = built.manifest.variants[variant]
     assert scorer.variant == variant and scorer.model == built.manifest.model.name
@@ -103,7 +107,7 @@ def test_a_changed_file_is_refused(tmp_path) -> None:
 def test_manifest_loads_as_a_dict_and_threads_are_applied() -> None:
     built = built_variants("mlp")
     manifest = load_manifest(manifest_path=built.manifest_path)
-    assert set(manifest["variants"]) == set(VARIANTS) and manifest["model"]["pointwise"] is True
+    assert set(manifest["variants"]) | set(manifest["skipped"]) == set(VARIANTS) and manifest["model"]["pointwise"] is True
     scorer = load_scorer("onnx-fp32", manifest_path=built.manifest_path, threads=2)
     assert scorer.threads == 2 and scorer.session.get_session_options().intra_op_num_threads == 2
     assert scorer.session.get_session_options().inter_op_num_threads == 1

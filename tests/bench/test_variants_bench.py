@@ -31,6 +31,9 @@ def manifest_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("n_docs", [100, 1000])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_score_one_list(benchmark, manifest_path: Path, variant: str, n_docs: int) -> None:
+    reason = VARIANTS[variant].unavailable()
+    if reason is not None:
+        pytest.skip(f"{variant}: {reason}")
     scorer = load_scorer(variant, manifest_path=manifest_path, threads=1, allow_invalid=True)
     rows = sample_list(load_dataset("synthetic", seed=0, n_queries=60).test.X, n_docs)
     benchmark.extra_info.update({"variant": variant, "n_docs": n_docs, "threads": 1})
