@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -35,9 +34,9 @@ if __package__ in (None, ""):
 
 from export.accuracy import gate, score_split
 from export.benchmark import BenchConfig, one_list_call, sample_list, time_calls
-from export.report import results_stem
+from export.report import results_stem, write_report_files
 from export.runtime import OrtScorer, TorchScorer
-from export.variants import DENSE_OPS, BuildContext, _quiet, gemm_to_matmul, weight_dense_nodes
+from export.variants import DENSE_OPS, BuildContext, gemm_to_matmul, quiet, weight_dense_nodes
 from models.environment import collect_environment, environment_markdown
 from models.paths import REPO_ROOT, model_dir
 from models.rankers import RankerConfig, multiply_adds_per_document
@@ -80,7 +79,7 @@ def build(attempt: dict, ctx: BuildContext, target: Path) -> None:
 
             model = gemm_to_matmul(onnx.load(str(source)))
             onnx.save(model, str(matmul))
-            _quiet(lambda: quantize_dynamic(str(matmul), str(target), op_types_to_quantize=["MatMul"],
+            quiet(lambda: quantize_dynamic(str(matmul), str(target), op_types_to_quantize=["MatMul"],
                                             nodes_to_quantize=weight_dense_nodes(model),
                                             per_channel=attempt["per_channel"], weight_type=QuantType.QInt8))
         return
@@ -100,7 +99,7 @@ def build(attempt: dict, ctx: BuildContext, target: Path) -> None:
         def get_next(self) -> dict | None:
             return next(self.feeds, None)
 
-    _quiet(lambda: quantize_static(
+    quiet(lambda: quantize_static(
         str(source), str(target), Reader(), quant_format=getattr(QuantFormat, attempt["format"]),
         op_types_to_quantize=list(DENSE_OPS), nodes_to_quantize=nodes, per_channel=attempt["per_channel"],
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -185,11 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "models")
     args = p.parse_args(argv)
     report = run(args.checkpoint)
-    stem = args.out / f"{results_stem(report['environment'], 'quick')}-{report['model']}-int8-attempts"
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {stem.with_suffix('.md')}")
+    stem = f"{results_stem(report['environment'], 'quick')}-{report['model']}-int8-attempts"
+    print(f"wrote {write_report_files(args.out, stem, report, lambda: markdown(report))}")
     return 0
 
 

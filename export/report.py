@@ -7,7 +7,10 @@ holds every measured cell; the Markdown ends with the environment block of the r
 
 from __future__ import annotations
 
+import json
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +46,27 @@ def results_stem(environment: dict, profile: str) -> str:
     """`<cpu>-<isa>` for a lab's quick profile (its committed run), `<cpu>-<isa>-<profile>` otherwise."""
     base = f"{cpu_slug(environment)}-{isa_slug(environment)}"
     return base if profile == "quick" else f"{base}-{profile}"
+
+
+def write_report_files(out: Path, stem: str, report: dict, markdown: Callable[[], str]) -> Path:
+    """`<out>/<stem>.json` (the whole report: the files can be written again from it, with no new
+    measurement) and `<out>/<stem>.md` from `markdown()`; returns the .md path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    path = out / f"{stem}.md"
+    path.write_text(markdown())
+    return path
+
+
+def rerender_main(argv: list[str] | None, write_results: Callable[[dict, Path], Path], script: str) -> int:
+    """`python <script> <report.json>`: a report's files written again from its JSON, beside it."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print(f"usage: python {script} <report.json>", file=sys.stderr)
+        return 2
+    path = Path(args[0])
+    print(f"wrote {write_results(json.loads(path.read_text()), path.parent)}")
+    return 0
 
 
 def cells_frame(manifest: Manifest) -> pd.DataFrame:

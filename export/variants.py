@@ -196,22 +196,24 @@ def choose_granularity(ctx: BuildContext, quantize: Callable[[bool, Path], None]
 
 # ---------------------------------------------------------------------------------------------- builders
 
-def build_torch_eager(ctx: BuildContext) -> Built:
-    """A copy of the checkpoint (weights + model card), so the variants folder is self-contained."""
-    target = ctx.out_dir / "torch-eager"
+def copy_checkpoint(ctx: BuildContext, folder: str) -> Path:
+    """The checkpoint (weights + model card) copied into the variants folder, so it is self-contained."""
+    target = ctx.out_dir / folder
     target.mkdir(parents=True, exist_ok=True)
     for name in ("model.safetensors", "model_card.json"):
         shutil.copyfile(ctx.checkpoint / name, target / name)
-    return Built(target, {"runtime": "torch eager, inference_mode"})
+    return target
+
+
+def build_torch_eager(ctx: BuildContext) -> Built:
+    """A copy of the checkpoint, scored as trained."""
+    return Built(copy_checkpoint(ctx, "torch-eager"), {"runtime": "torch eager, inference_mode"})
 
 
 def build_torch_bf16(ctx: BuildContext) -> Built:
     """The checkpoint again, scored under torch.autocast(bfloat16): the same weights, bf16 matmuls."""
-    target = ctx.out_dir / "torch-bf16"
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "model_card.json"):
-        shutil.copyfile(ctx.checkpoint / name, target / name)
-    return Built(target, {"runtime": "torch eager, inference_mode, torch.autocast('cpu', dtype=torch.bfloat16)"})
+    return Built(copy_checkpoint(ctx, "torch-bf16"),
+                 {"runtime": "torch eager, inference_mode, torch.autocast('cpu', dtype=torch.bfloat16)"})
 
 
 def build_onnx_fp32(ctx: BuildContext) -> Built:
@@ -243,7 +245,7 @@ def build_onnx_int8_dynamic(ctx: BuildContext) -> Built:
             onnx.save(matmul_model, str(source))
             config = AutoQuantizationConfig.avx512_vnni(
                 is_static=False, per_channel=per_channel, nodes_to_quantize=nodes, operators_to_quantize=["MatMul"])
-            _quiet(lambda: ORTQuantizer.from_pretrained(tmp, file_name="matmul.onnx").quantize(
+            quiet(lambda: ORTQuantizer.from_pretrained(tmp, file_name="matmul.onnx").quantize(
                 save_dir=Path(tmp) / "q", quantization_config=config))
             # Fuse DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ bias Add) into one
             # DynamicQuantizeMatMul kernel, at the portable level, and save that graph.
@@ -275,7 +277,7 @@ def build_onnx_int8_static(ctx: BuildContext) -> Built:
             return next(self.feeds, None)
 
     def quantize(per_channel: bool, target: Path) -> None:
-        _quiet(lambda: quantize_static(
+        quiet(lambda: quantize_static(
             str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(DENSE_OPS),
             nodes_to_quantize=nodes, per_channel=per_channel, activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True}))
@@ -299,14 +301,14 @@ def build_onnx_fp16(ctx: BuildContext) -> Built:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(ctx.onnx_fp32()))
-    fp16 = _quiet(lambda: convert_float_to_float16(model, keep_io_types=True))
+    fp16 = quiet(lambda: convert_float_to_float16(model, keep_io_types=True))
     target = ctx.out_dir / "onnx-fp16.onnx"
     onnx.save(fp16, str(target))
     return Built(target, {"tool": "onnxruntime.transformers.float16.convert_float_to_float16",
                           "keep_io_types": True})
 
 
-def _quiet(fn: Callable):
+def quiet(fn: Callable):
     """Run a quantization/conversion call with the root logger's warnings silenced (they advise
     pre-processing steps that do not apply to these small dense graphs)."""
     loggers = [logging.getLogger(name) for name in ("", "optimum", "optimum.onnxruntime.quantization")]

@@ -24,7 +24,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.report import results_stem
+from export.report import results_stem, write_report_files
 from models.environment import collect_environment, environment_markdown
 from models.paths import REPO_ROOT, model_dir, variants_dir
 
@@ -125,11 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     environment = collect_environment()
     report = {"widths": [list(w) for w in widths], "train_seconds": args.train_seconds, "rows": rows,
               "roofs": roofs, "environment": environment}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{results_stem(environment, 'quick')}-mlp-widths"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {stem.with_suffix('.md')}")
+    stem = f"{results_stem(environment, 'quick')}-mlp-widths"
+    print(f"wrote {write_report_files(args.out, stem, report, lambda: markdown(report))}")
     return 0
 
 

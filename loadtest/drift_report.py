@@ -9,7 +9,6 @@ feature reached.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.report import results_stem
+from export.report import rerender_main, results_stem, write_report_files
 from models.environment import environment_markdown
 
 
@@ -122,23 +121,14 @@ def markdown(report: dict, png: str) -> str:
 
 
 def write_results(report: dict, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     stem = results_stem(report["environment"], "quick") + "-drift"
-    (out / f"{stem}.json").write_text(json.dumps(report) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
     png = plot(report, out / f"{stem}.png")
-    path = out / f"{stem}.md"
-    path.write_text(markdown(report, png.name))
-    return path
+    return write_report_files(out, stem, report, lambda: markdown(report, png.name))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print("usage: python loadtest/drift_report.py <report.json>", file=sys.stderr)
-        return 2
-    path = Path(args[0])
-    print(f"wrote {write_results(json.loads(path.read_text()), path.parent)}")
-    return 0
+    return rerender_main(argv, write_results, "loadtest/drift_report.py")
 
 
 if __name__ == "__main__":

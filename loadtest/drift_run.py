@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,9 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loadtest.online_users import TestQueries
 from models.paths import REPO_ROOT
 from serve.drift import DEFAULT_REFERENCE, DriftSettings
-from serve.encoding import encode_msgpack
 
 RESULTS = REPO_ROOT / "results" / "online_eval"
 PORT = 8032
@@ -37,20 +38,17 @@ SCALED = 9  # this feature is multiplied by 3; the others in SHIFTED move by one
 SHIFTED = (4, SCALED, 30, 77, 120)
 
 
-def shifted_bodies(split: Any, std: np.ndarray, shift: bool) -> list[bytes]:
-    """The test queries as msgpack bodies, with the SHIFTED features moved when `shift`."""
-    bodies = []
-    for i in range(split.n_queries):
-        X, _ = split.query(i)
-        X = X[:MAX_DOCS].copy()
-        if shift:
-            for j in SHIFTED:
-                if j == SCALED:
-                    X[:, j] *= 3.0
-                else:
-                    X[:, j] += std[j]
-        bodies.append(encode_msgpack(f"q{i}", [f"d{k}" for k in range(len(X))], X))
-    return bodies
+def shift(std: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The traffic's change at the halfway mark: SCALED multiplied by 3, the other SHIFTED features moved
+    by one training standard deviation."""
+    def apply(X: np.ndarray) -> np.ndarray:
+        for j in SHIFTED:
+            if j == SCALED:
+                X[:, j] *= 3.0
+            else:
+                X[:, j] += std[j]
+        return X
+    return apply
 
 
 def ensure_reference() -> Path:
@@ -71,7 +69,8 @@ def run(seconds: float, poll_s: float, settings: DriftSettings, work: Path) -> d
     ensure_reference()
     data = load_dataset("synthetic")
     std = data.train.X.std(axis=0)
-    phases = {False: shifted_bodies(data.test, std, False), True: shifted_bodies(data.test, std, True)}
+    phases = {shifted: [q.body for q in TestQueries.from_split(data.test, MAX_DOCS, shift(std) if shifted else None).queries]
+              for shifted in (False, True)}
     spec = ServiceSpec(server="uvicorn", encoding="msgpack", port=PORT, cache=False, admission=False,
                        model="mlp-ranknet", variant="onnx-int8-dynamic", drift=settings)
     service = UvicornServer(spec).start(work / "drift-server.log", cores=None, redis_url=None, timeout_s=120)

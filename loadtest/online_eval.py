@@ -121,13 +121,7 @@ def ab_stats(log: ImpressionLog, pair: Pair, direction: float) -> dict[str, Any]
 
 
 def interleaving_stats(log: ImpressionLog, direction: float) -> dict[str, Any]:
-    outcomes = []
-    for i in log:
-        if i.degraded or i.status != 200 or i.teams is None:
-            continue
-        picked = [i.teams[p] for p in i.clicks]
-        outcomes.append(np.sign(picked.count("b") - picked.count("a")))
-    o = np.array(outcomes)
+    o = log.interleaving_outcomes()
     needed, cap = queries_needed(interleaving_test(o, direction), o.size)
     return {"impressions": int(o.size), "wins_a": int((o < 0).sum()), "wins_b": int((o > 0).sum()),
             "ties": int((o == 0).sum()), "win_rate_b": outcomes_win_rate(o).to_dict(), "queries_needed": needed,

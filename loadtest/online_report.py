@@ -8,15 +8,13 @@ factor by which interleaving needed fewer queries than A/B.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.report import results_stem
+from export.report import rerender_main, results_stem, write_report_files
 from models.environment import environment_markdown
 
 
@@ -126,23 +124,11 @@ def markdown(report: dict) -> str:
 
 
 def write_results(report: dict, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = results_stem(report["environment"], "quick")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    path = out / f"{stem}.md"
-    path.write_text(markdown(report))
-    return path
+    return write_report_files(out, results_stem(report["environment"], "quick"), report, lambda: markdown(report))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print("usage: python loadtest/online_report.py <report.json>", file=sys.stderr)
-        return 2
-    path = Path(args[0])
-    report: dict[str, Any] = json.loads(path.read_text())
-    print(f"wrote {write_results(report, path.parent)}")
-    return 0
+    return rerender_main(argv, write_results, "loadtest/online_report.py")
 
 
 if __name__ == "__main__":

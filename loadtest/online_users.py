@@ -16,7 +16,7 @@ experiment's statistics (loadtest/online_stats.py) and retraining read.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from loadtest.click_models import ClickModel
 from models.data import LTRSplit
 from serve.encoding import encode_msgpack
 from serve.experiment import USER_HEADER
+from serve.interleaving import credit
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,17 @@ class TestQueries:
     queries: list[TestQuery]
 
     @classmethod
-    def from_split(cls, split: LTRSplit, max_docs: int | None = None) -> TestQueries:
+    def from_split(cls, split: LTRSplit, max_docs: int | None = None,
+                   transform: Callable[[np.ndarray], np.ndarray] | None = None) -> TestQueries:
+        """Every query of `split` (its first `max_docs` documents); `transform` changes the features
+        sent (the drift scenario's shift), never the grades."""
         out = []
         for i in range(split.n_queries):
             X, y = split.query(i)
             if max_docs:
                 X, y = X[:max_docs], y[:max_docs]
+            if transform is not None:
+                X = transform(X.copy())
             ids = [f"d{j}" for j in range(len(y))]
             out.append(TestQuery(i, encode_msgpack(f"q{i}", ids, X), dict(zip(ids, y.tolist(), strict=True))))
         return cls(out)
@@ -91,6 +97,13 @@ class ImpressionLog:
 
     def __iter__(self) -> Iterator[Impression]:
         return iter(self.impressions)
+
+    def interleaving_outcomes(self) -> np.ndarray:
+        """Per answered interleaved impression: +1 team b won its clicks, -1 team a, 0 a tie
+        (serve/interleaving.py's credit)."""
+        winners = (credit(i.teams, i.clicks).winner for i in self if i.teams is not None and i.status == 200
+                   and not i.degraded)
+        return np.array([{"a": -1, "b": 1, "tie": 0}[w] for w in winners], dtype=int)
 
 
 class SimulatedUser:

@@ -154,9 +154,7 @@ def online_gate(client: Any, token: str, serving: tuple[str, str], candidate: tu
                        seed=seed)
     finally:
         client.delete("/admin/experiment", headers=headers, timeout=60).raise_for_status()
-    outcomes = np.array([np.sign([i.teams[p] for p in i.clicks].count("b") - [i.teams[p] for p in i.clicks].count("a"))
-                         for i in log if i.teams is not None])
-    return {"win_rate": outcomes_win_rate(outcomes).to_dict(), "impressions": len(log.impressions),
+    return {"win_rate": outcomes_win_rate(log.interleaving_outcomes()).to_dict(), "impressions": len(log.impressions),
             "failures": log.failures}
 
 

@@ -30,7 +30,7 @@ from serve.cache_keys import rank_key
 from serve.encoding import JSON_TYPES, MSGPACK_TYPES, ParsedRequest, ParseMode, media_type, parse_body
 from serve.experiment import USER_HEADER, RunningExperiment, assign
 from serve.interleaving import seeded_coin, team_draft
-from serve.metrics import ServiceMetrics
+from serve.metrics import STAGES, ServiceMetrics
 from serve.schemas import RequestError
 from serve.scoring import ScoreOutcome, ScoringBackend
 
@@ -156,8 +156,8 @@ class RankingCore:
         receiving the body (a 1000-document msgpack body is 544 KB), reported as its own stage.
         `user`: the X-Rankserve-User header, which assigns the request to an experiment's arm."""
         start = time.perf_counter() if start is None else start
-        timings = {"read": read_ms, "parse": 0.0, "key": 0.0, "cache": 0.0, "features": 0.0, "queue": 0.0,
-                   "inference": 0.0, "total": 0.0}
+        timings = dict.fromkeys(STAGES, 0.0)
+        timings["read"] = read_ms
         experiment = self.experiment
         if experiment is None:
             return await self._answer_with(self.backend, body, content_type, timings, start)
