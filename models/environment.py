@@ -29,28 +29,25 @@ LIBRARIES = (
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ORT_NUM_THREADS")
 
 
-def cpu_flags() -> set[str]:
-    """Every flag /proc/cpuinfo lists for the first CPU (empty where there is no /proc/cpuinfo)."""
+def _cpuinfo_value(keys: tuple[str, ...]) -> str | None:
+    """The first value /proc/cpuinfo gives under any of `keys` (None where there is none)."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                return set(value.split())
-    return set()
+            if key.strip() in keys and value.strip():
+                return value.strip()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """Every flag /proc/cpuinfo lists for the first CPU (empty where there is no /proc/cpuinfo)."""
+    return set((_cpuinfo_value(("flags", "Features")) or "").split())
 
 
 def _cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model") and value.strip():
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
+    model = _cpuinfo_value(("model name", "Model")) or platform.processor() or platform.machine()
+    flags = cpu_flags()
     return {
         "model": model,
         "arch": platform.machine(),
