@@ -45,6 +45,7 @@ from serve.cache_keys import VersionedKey
 
 DEFAULT_TTL_S = 300.0
 DEFAULT_TIMEOUT_S = 0.05
+DEFAULT_OPEN_S = 5.0  # how long an open breaker skips Redis before one probe
 # Everything a dead, slow or confused Redis raises: redis-py wraps socket errors in RedisError, and
 # TimeoutError/OSError cover anything that slips through (asyncio timeouts included).
 REDIS_FAILURES: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
@@ -67,7 +68,7 @@ class CircuitBreaker:
     CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
     def __init__(
-        self, failure_threshold: int = 3, open_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+        self, failure_threshold: int = 3, open_s: float = DEFAULT_OPEN_S, clock: Callable[[], float] = time.monotonic
     ):
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be >= 1")
@@ -130,7 +131,7 @@ class _CacheBase:
         *,
         connect_timeout_s: float | None = None,
         failure_threshold: int = 3,
-        open_s: float = 5.0,
+        open_s: float = DEFAULT_OPEN_S,
         clock: Callable[[], float] = time.monotonic,
     ):
         if ttl_s <= 0:

@@ -308,6 +308,9 @@ def build_http_app(
     async def metrics() -> Response:
         if current().core.drift is not None:
             await current().drift_report()  # the drift gauges, fresh at each scrape
+        if current().cache is not None:
+            stats = current().cache.stats()
+            current().metrics.observe_breaker(stats["breaker_opens"], bool(stats["breaker_open"]))
         body, content_type = current().metrics.render()
         return Response(body, media_type=content_type)
 

@@ -52,6 +52,12 @@ class ServiceMetrics:
             "rankserve_batch_requests", "requests per inference batch", buckets=REQUEST_BUCKETS, registry=r
         )
         self.cache = Counter("rankserve_cache", "result cache lookups by result (hit, miss, error)", ["result"], registry=r)
+        self.breaker_opens = Counter(
+            "rankserve_cache_breaker_opens", "times the result cache's circuit breaker opened (serve/cache.py; "
+            "refreshed at each scrape)", registry=r)
+        self.breaker_open = Gauge(
+            "rankserve_cache_breaker_open", "1 while the result cache's circuit breaker skips Redis (open or "
+            "half-open), else 0 (refreshed at each scrape)", registry=r)
         self.degraded = Counter(
             "rankserve_degraded", "fallback answers by reason (error, deadline, feature_store, index)", ["reason"], registry=r
         )
@@ -76,6 +82,7 @@ class ServiceMetrics:
                       for stat, text in (("psi", "PSI"), ("ks", "KS statistic"),
                                          ("out_of_range", "share outside the training range"),
                                          ("flagged", "1 if flagged"))}
+        self._breaker_opens_seen = 0
         self._ray: dict[str, Any] = _ray_metrics() if use_ray else {}
 
     def observe_request(self, status: int, encoding: str, timings_ms: dict[str, float] | None) -> None:
@@ -104,6 +111,13 @@ class ServiceMetrics:
             for stat in ("psi", "ks", "out_of_range"):
                 self.drift[stat].labels(feature).set(f[stat])
             self.drift["flagged"].labels(feature).set(int(f["flagged"]))
+
+    def observe_breaker(self, opens: int, is_open: bool) -> None:
+        """The cache's breaker (its own counts, serve/cache.py) into Prometheus at a scrape: a re-opened
+        breaker is why hits stay away after Redis is back (Prometheus only, as the drift gauges)."""
+        self.breaker_opens.inc(max(0, opens - self._breaker_opens_seen))
+        self._breaker_opens_seen = max(opens, self._breaker_opens_seen)
+        self.breaker_open.set(int(is_open))
 
     def observe_search(self, status: int, timings_ms: dict[str, float] | None) -> None:
         self.search_requests.labels(str(status)).inc()

@@ -25,6 +25,7 @@ from serve.config import ServiceConfig
 from serve.encoding import encode_msgpack
 from serve.feature_store import feature_key, meta_key
 from serve.metrics import STAGES
+from serve.redis_server import free_port
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,22 @@ def test_inference_failure_or_deadline_answers_degraded(scorer, stall_s: float, 
         assert body["results"] == [{"id": i, "score": None} for i in ids]  # the request's own order
         metrics = c.get("/metrics").text
         assert f'rankserve_degraded_total{{reason="{reason}"}} 1.0' in metrics
+
+
+def test_redis_down_answers_uncached_and_metrics_show_the_open_breaker(scorer) -> None:
+    """A cache whose Redis is gone fails open; after 3 failed calls the breaker opens, and /metrics says so
+    (a breaker that re-opened is why hits stay away after Redis is back)."""
+    config = ServiceConfig(variant="onnx-fp32", cache=True, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with TestClient(create_app(config, scorer=scorer)) as c:
+        metrics = c.get("/metrics").text
+        assert "rankserve_cache_breaker_opens_total 0.0" in metrics and "rankserve_cache_breaker_open 0.0" in metrics
+        ids, X = make_list(5, scorer.n_features)
+        for i in range(3):
+            resp = c.post("/rank", json=standard(ids, X, qid=f"down-{i}"))
+            assert resp.status_code == 200 and resp.json()["cached"] is False and resp.json()["degraded"] is False
+        metrics = c.get("/metrics").text
+        assert "rankserve_cache_breaker_opens_total 1.0" in metrics and "rankserve_cache_breaker_open 1.0" in metrics
+        assert "rankserve_cache_breaker_opens_total 1.0" in c.get("/metrics").text  # counted once, not per scrape
 
 
 def test_health_readiness_metrics_and_openapi(client: TestClient) -> None:

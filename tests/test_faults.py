@@ -20,6 +20,7 @@ from loadtest.payloads import build_payloads
 from loadtest.recorder import DEGRADED, DEGRADED_ANSWER, ERROR, OK, REJECTED, AnswerTimeline
 from loadtest.sweep_config import ServiceSpec
 from models.environment import collect_environment
+from serve.cache import DEFAULT_OPEN_S
 from serve.redis_server import free_port
 
 
@@ -213,8 +214,13 @@ def test_the_generator_keeps_one_row_per_arrival_from_a_given_start(rank_url: st
 
 @pytest.mark.slow
 def test_short_redis_kill_on_uvicorn_loses_no_request_and_the_cache_comes_back(tmp_path_factory, tmp_path) -> None:
-    """Redis SIGKILL at 5 s, restarted 4 s later, under 15 s of Zipf traffic against plain uvicorn
-    with the cache on: the short profile's scenario, on the test model and a free port.
+    """Redis SIGKILL at 5 s, restarted 4 s later, under Zipf traffic against plain uvicorn with the cache
+    on: the short profile's scenario, on the test model and a free port.
+
+    The load runs longer than the profile's 15 s: its 'after' window (4 s) is shorter than the circuit
+    breaker's open time (5 s), so a breaker that re-opened once after the restart (three calls timing
+    out together in one stall of a busy machine: fail-open working) left that window without hits, as
+    in one CI run. Here 'after' outlasts one re-open; /metrics' breaker counter is in the message.
 
     Admission control is off here: this test is about the cache failing open (a cache that blocked
     would show as timeouts or deadline-degraded answers), and on a busy shared machine admission's
@@ -225,6 +231,9 @@ def test_short_redis_kill_on_uvicorn_loses_no_request_and_the_cache_comes_back(t
     scenario = select(profile, ["redis_kill"])[0]
     scenario.service = ServiceSpec.model_validate({**scenario.service.model_dump(), "manifest_path": str(manifest),
                                                    "port": free_port(), "admission": False})
+    fault_end = scenario.fault.at_s + scenario.fault.restart_after_s
+    scenario.load = scenario.load.model_copy(update={
+        "duration_s": fault_end + scenario.recovery.after_skip_s + DEFAULT_OPEN_S + 4.0})
     results, paths = run_profile(profile, [scenario], tmp_path / "out", tmp_path / "work", collect_environment())
     result = results[0]
     assert result.get("error") is None, result.get("error")
@@ -233,7 +242,7 @@ def test_short_redis_kill_on_uvicorn_loses_no_request_and_the_cache_comes_back(t
     assert during["cache_hits"] == 0 < result["phases"]["before"]["cache_hits"]  # ... and the cache with it
     assert total["requests"] > 1000 and total["failed"] == 0, total
     assert result["cache_hits_back_s"] is not None and result["cache_hits_back_s"] <= 5.0
-    assert result["phases"]["after"]["cache_hits"] > 0
+    assert result["phases"]["after"]["cache_hits"] > 0, (result["service_counters"], result["per_second"])
     assert result["alive_after"] and result["readyz_after"] == 200
     row = json.loads(paths["json"].read_text())["results"][0]
     assert row["scenario"] == "redis_kill" and paths["md"].read_text().count("redis_kill") >= 2
