@@ -332,3 +332,40 @@ def test_degraded_answer_in_retrieval_order_when_the_store_is_down(two_stage_roo
         assert [r["id"] for r in down["results"]] == expected
     finally:
         _stop(proc)
+
+
+@pytest.mark.slow
+def test_search_on_ray_serve_answers_as_uvicorn_does(two_stage_root: Path, redis_server, search_server: str) -> None:
+    """`serve/run.py --search` (Ray Serve, colocated, a local Ray of its own): the same /search answer as
+    plain uvicorn for the same query, its stage timings, and a bad body's 4xx naming the field."""
+    import signal
+
+    corpus = _corpus_of(two_stage_root)
+    attributes = corpus.query_attributes[corpus.queries_of("test")[5]]
+    body = {"query_id": f"ray-{os.getpid()}", "query": {"attributes": attributes.tolist()}, "k": 10, "candidates": 200}
+    expected = httpx.post(f"{search_server}/search", json=body, timeout=30).json()
+    port = free_port()
+    env = {**os.environ, "RANKSERVE_ARTIFACTS": str(two_stage_root), "REDIS_URL": redis_server.url,
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "serve/run.py", "--port", str(port), "--model", "two-stage-mlp", "--variant", VARIANT,
+         "--search", "--search-variant", VARIANT, "--search-index", "kind=hnsw,hnsw_m=16", "--no-cache",
+         "--num-cpus", "2"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert wait_for_line(proc, "READY ", lines, timeout_s=240) == f"READY http://127.0.0.1:{port}", lines
+        url = f"http://127.0.0.1:{port}"
+        served = httpx.post(f"{url}/search", json=body, timeout=60).json()
+        assert (served["degraded"], served["cached"], served["candidates"]) == (False, False, 200)
+        assert [r["id"] for r in served["results"]] == [r["id"] for r in expected["results"]]
+        np.testing.assert_allclose([r["score"] for r in served["results"]],
+                                   [r["score"] for r in expected["results"]], atol=1e-5)
+        assert set(served["timings_ms"]) >= {"embed", "retrieve", "features", "rank", "total"}
+        bad = httpx.post(f"{url}/search", json={"query_embedding": [0.1] * 32, "k": 0}, timeout=30)
+        assert bad.status_code == 422 and bad.json()["field"] == "k", bad.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, lines[-30:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
