@@ -26,9 +26,6 @@ def export_onnx(model: nn.Module, n_features: int, path: Path, *, pointwise: boo
     Example sizes are odd, distinct and > 1 (batch 3, 7 documents) so that the exporter cannot
     confuse the two dimensions or specialize a dimension of size 1.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
     docs = torch.export.Dim("docs", min=1, max=1 << 16)
     if pointwise:
         args: tuple = (torch.randn(7, n_features),)
@@ -41,10 +38,20 @@ def export_onnx(model: nn.Module, n_features: int, path: Path, *, pointwise: boo
         args = (torch.randn(3, 7, n_features), mask)
         dynamic_shapes = ({0: batch, 1: docs}, {0: batch, 1: docs})
         input_names = ATTENTION_INPUTS
+    return export_dynamo(model, args, path, input_names=input_names, output_names=OUTPUTS,
+                         dynamic_shapes=dynamic_shapes, opset=opset)
+
+
+def export_dynamo(model: nn.Module, args: tuple, path: Path, *, input_names: list[str], output_names: list[str],
+                  dynamic_shapes: tuple, opset: int = OPSET) -> Path:
+    """The dynamo exporter, quiet, one file (no external data), then `check_onnx`: every graph the project
+    exports (rankers here, the query tower in models/two_tower.py) goes through it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, args, str(path), input_names=input_names, output_names=OUTPUTS,
+            model.eval(), args, str(path), input_names=input_names, output_names=output_names,
             dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, external_data=False, verbose=False,
         )
     check_onnx(path)

@@ -65,6 +65,9 @@ class LadderProfile(BaseModel):
     slo_p99_ms: float = 50.0
     slo_profile: str = "quick"
     row_budget_s: float = Field(30.0, gt=0, description="time for one row's SLO search")
+    min_steps: int = Field(0, ge=0, description="stretch a row's budget to fit this many SLO steps at 30% of its "
+                                                "one-at-a-time rate: a count-based step at a low rate is long (2,000 "
+                                                "requests at 24/s take 83 s), so slow rows would end unbracketed")
     probe_requests: int = Field(30, ge=1, description="sequential requests whose timings give the stage means")
     load: bool = Field(True, description="False: offline quality only (no service, no load generator)")
 
@@ -86,7 +89,7 @@ PROFILES = {
     "full": LadderProfile(
         rows=[*_rows([FLAT, HNSW, IVFPQ, IndexConfig(kind="ivfpq", refine_factor=4)], [100, 300, 1000]),
               *_rows([HNSW], [100, 300, 1000], "onnx-fp32"), *_rows([MILVUS_HNSW, MILVUS_FLAT], [100, 300, 1000])],
-        queries=200, slo_profile="full", row_budget_s=90.0, probe_requests=60),
+        queries=200, slo_profile="full", row_budget_s=90.0, probe_requests=60, min_steps=3),
 }
 
 
@@ -143,19 +146,20 @@ def serve_and_load(row: LadderRow, profile: LadderProfile, attributes: np.ndarra
         if stages["total"] > profile.slo_p99_ms:  # slower than the objective alone: one short trial
             slow_rate = max(0.2, 0.3 * 1000.0 / stages["total"])
             return {"stage_ms": stages, **one_trial(service.url, payloads, slow_rate, profile, out_dir, cores)}
+        budget = row_budget(profile, stages["total"])
         slo = max_throughput_under_slo(
             service.url, payloads, profile.slo_p99_ms, profile=profile.slo_profile, start_rate_per_s=start_rate,
-            time_budget_s=profile.row_budget_s, out_dir=out_dir, tolerance=0.15,
+            time_budget_s=budget, out_dir=out_dir, tolerance=0.15,
             cpus=cores["loadgen_cores"] if cores["pinned"] else None, expected_latency_ms=stages["total"])
     finally:
         service.stop()
     passing = [s for s in slo.steps if s["outcome"] == "pass"]
     tried = passing or slo.steps
     if not tried:
-        return {"slo": slo.to_dict(), "stage_ms": stages}
+        return {"slo": slo.to_dict(), "stage_ms": stages, "budget_s": budget}
     shown = max(tried, key=lambda s: s["rate_per_s"]) if passing else min(tried, key=lambda s: s["rate_per_s"])
     trial = shown["trial"]
-    return {"slo": slo.to_dict(), "stage_ms": stages, "p50_ms": trial["latency_ms"].get("p50"),
+    return {"slo": slo.to_dict(), "stage_ms": stages, "budget_s": budget, "p50_ms": trial["latency_ms"].get("p50"),
             "p99_ms": trial["latency_ms"].get("p99"), "samples": trial["latency_ms"].get("count"),
             "at_rate_per_s": shown["rate_per_s"], "generator": trial.get("generator"),
             "late_fraction": trial.get("late_fraction"), "generator_bound": trial.get("generator_bound")}
@@ -220,6 +224,19 @@ def run(profile_name: str, out: Path | None = None, *, load: bool = True, log=pr
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "elapsed_s": round(time.perf_counter() - started, 1)}
     return write_results(report, out or RESULTS / "two_stage")
+
+
+def row_budget(profile: LadderProfile, one_at_a_time_ms: float) -> float:
+    """A row's SLO-search budget: the profile's, stretched to `min_steps` steps at 30% of the row's
+    one-at-a-time rate (each step's cost as loadtest/runner.py counts it: its requests, plus 3 s)."""
+    from loadtest.runner import SLO_PROFILES
+
+    if not profile.min_steps:
+        return profile.row_budget_s
+    slo = SLO_PROFILES[profile.slo_profile]
+    low = 0.3 * 1000.0 / one_at_a_time_ms
+    step_s = max(slo["min_queries"], low * slo["min_duration_s"]) / low + 3.0
+    return max(profile.row_budget_s, profile.min_steps * step_s)
 
 
 def one_trial(url: str, payloads, rate: float, profile: LadderProfile, out_dir: Path, cores: dict) -> dict:

@@ -116,7 +116,8 @@ def markdown(report: dict, plot: Path | None) -> str:
         f"highest Poisson rate whose p99 met {report['config']['slo_p99_ms']:g} ms by MLPerf's early stopping "
         f"(profile `{report['config']['slo_profile']}`); errors and degraded answers fail a step. p50/p99 and "
         "samples are those of that step (or of the lowest rate tried when none passed). "
-        + (f"The generator sent at most {max(late):.1%} of a shown step's requests late." if late else ""),
+        + (f"The generator sent at most {max(late):.1%} of a shown step's requests late. " if late else "")
+        + search_budget(report["config"], rows),
         f"- Stage columns: the service's own `timings_ms`, mean over {report['config']['probe_requests']} "
         "sequential requests (one in flight, before the SLO search), so that each stage shows its own cost; "
         "`features` is the one MGET of the K candidates' rows from Redis (redis-server on the service's core).",
@@ -125,6 +126,16 @@ def markdown(report: dict, plot: Path | None) -> str:
         lines += ["", f"![NDCG@10 against p99]({plot.name})"]
     lines += ["", environment_markdown(env), ""]
     return "\n".join(lines)
+
+
+def search_budget(config: dict, rows: list[dict]) -> str:
+    """What time each row's SLO search had: a status of INVALID or LOWER-BOUND may be the budget's doing."""
+    budgets = [r["budget_s"] for r in rows if r.get("budget_s")]
+    if not config.get("min_steps") or not budgets:
+        return f"Each row's search had {config['row_budget_s']:g} s."
+    return (f"Each row's search had {min(budgets):.0f} to {max(budgets):.0f} s: the profile's "
+            f"{config['row_budget_s']:g} s, stretched to fit {config['min_steps']} steps at 30% of the row's "
+            "one-at-a-time rate.")
 
 
 def _cell(text: str) -> str:

@@ -193,20 +193,11 @@ def _copy(module: nn.Module) -> dict:
 
 def export_query_tower(tower: Tower, path: Path) -> Path:
     """The query tower as ONNX: `attributes [n, QUERY_ATTRIBUTES] -> embedding [n, EMBEDDING_DIM]`."""
-    import warnings
+    from export.onnx_export import export_dynamo
 
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     width = int(tower.normalizer.mean.numel())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(tower.eval(), (torch.randn(3, width),), str(path), input_names=["attributes"],
-                          output_names=["embedding"], dynamic_shapes=({0: torch.export.Dim("queries", min=1,
-                                                                                               max=1 << 16)},),
-                          opset_version=18, dynamo=True, external_data=False, verbose=False)
-    onnx.checker.check_model(str(path), full_check=True)
-    return path
+    return export_dynamo(tower, (torch.randn(3, width),), path, input_names=["attributes"], output_names=["embedding"],
+                         dynamic_shapes=({0: torch.export.Dim("queries", min=1, max=1 << 16)},))
 
 
 def query_tower_parity(tower: Tower, path: Path, attributes: np.ndarray) -> float:

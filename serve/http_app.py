@@ -31,7 +31,7 @@ from serve.config import ServiceConfig
 from serve.encoding import ParseMode
 from serve.experiment import ExperimentConfig, RunningExperiment
 from serve.metrics import ServiceMetrics
-from serve.ranking import RankingCore, check_content_type, dumps, read_body
+from serve.ranking import RankingCore, dumps, read_request_body
 from serve.schemas import (
     ModelSwap,
     RankResponse,
@@ -118,8 +118,7 @@ class HttpService:
         """Read and answer one POST /search: the same body rules (type, size) as /rank."""
         start = time.perf_counter()
         try:
-            check_content_type(request.headers.get("content-type"))
-            body = await read_body(request, self.config.max_body_bytes)
+            body = await read_request_body(request, self.config.max_body_bytes)
         except RequestError as exc:
             self.metrics.observe_search(exc.status, None)
             return exc.status, exc.to_dict()

@@ -112,6 +112,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_request_body(request: Request, max_bytes: int) -> bytes:
+    """A /rank or /search body: its media type checked (415), then read whole within `max_bytes` (413)."""
+    check_content_type(request.headers.get("content-type"))
+    return await read_body(request, max_bytes)
+
+
 def check_content_type(content_type: str | None) -> None:
     media = media_type(content_type)
     if media in MSGPACK_TYPES or media in JSON_TYPES or media.endswith("+json"):
@@ -142,8 +148,7 @@ class RankingCore:
         """Read and answer one HTTP request: (status, response or error dict)."""
         start = time.perf_counter()
         try:
-            check_content_type(request.headers.get("content-type"))
-            body = await read_body(request, self.max_body_bytes)
+            body = await read_request_body(request, self.max_body_bytes)
         except RequestError as exc:
             self.metrics.observe_request(exc.status, "unknown", None)
             return exc.status, exc.to_dict()

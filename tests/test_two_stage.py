@@ -182,6 +182,23 @@ def test_ranker_lists_hold_only_their_own_split(two_stage_root: Path) -> None:
         assert set((np.unique(split.qid) - 1).tolist()) == set(corpus.queries_of(name).tolist())
 
 
+def test_slow_rows_get_the_budget_their_slo_steps_need() -> None:
+    """A count-based SLO step at a low rate is long: the full ladder stretches a slow row's budget to
+    3 steps at 30% of its one-at-a-time rate; fast rows and the quick profile keep theirs."""
+    from loadtest.runner import SLO_PROFILES
+    from loadtest.two_stage import PROFILES, row_budget
+    from loadtest.two_stage_report import search_budget
+
+    full, quick = PROFILES["full"], PROFILES["quick"]
+    assert full.min_steps == 3 and row_budget(full, 3.8) == full.row_budget_s  # 79/s: 28 s a step
+    low = 0.3 * 1000.0 / 12.3  # K = 1000: 12.3 ms a request alone
+    assert row_budget(full, 12.3) == pytest.approx(3 * (SLO_PROFILES["full"]["min_queries"] / low + 3.0))
+    assert row_budget(quick, 12.3) == quick.row_budget_s
+    text = search_budget(full.model_dump(), [{"budget_s": 90.0}, {"budget_s": row_budget(full, 12.3)}])
+    assert text.startswith("Each row's search had 90 to 255 s") and "3 steps" in text
+    assert search_budget(quick.model_dump(), [{}]) == "Each row's search had 10 s."
+
+
 # --------------------------------------------------------------------------------------------------
 # POST /search on a real server, index and Redis
 # --------------------------------------------------------------------------------------------------
