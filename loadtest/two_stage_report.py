@@ -40,9 +40,11 @@ def findings(rows: list[dict]) -> list[str]:
     good = [r for r in rows if r["k_candidates"] <= 1000 and r["ndcg10"] >= CEILING_SHARE * r["ndcg10_ceiling"]]
     if good:
         best = max(good, key=lambda r: ((r.get("slo") or {}).get("max_rate_per_s") or 0, r["ndcg10"]))
+        served = bool((best.get("slo") or {}).get("max_rate_per_s"))  # --no-load, or no rate passed: by NDCG@10
         out.append(f"{len(good)} of {len(rows)} configurations reach at least {CEILING_SHARE:.0%} of their ranker's "
-                   f"whole-corpus NDCG@10 at K <= 1000; of those, the one with the highest throughput under the "
-                   f"SLO is `{best['index']}` at K = {best['k_candidates']}: NDCG@10 {best['ndcg10']:.4f} against "
+                   f"whole-corpus NDCG@10 at K <= 1000; of those, the one with the highest "
+                   f"{'throughput under the SLO' if served else 'NDCG@10 (no rate met the SLO, or none was measured)'}"
+                   f" is `{best['index']}` at K = {best['k_candidates']}: NDCG@10 {best['ndcg10']:.4f} against "
                    f"a ceiling of {best['ndcg10_ceiling']:.4f} ({best['ndcg10'] / best['ndcg10_ceiling']:.1%}).")
     else:
         out.append(f"No configuration reaches {CEILING_SHARE:.0%} of the ceiling at K <= 1000.")

@@ -199,6 +199,19 @@ def test_slow_rows_get_the_budget_their_slo_steps_need() -> None:
     assert search_budget(quick.model_dump(), [{}]) == "Each row's search had 10 s."
 
 
+def test_findings_name_the_fastest_row_only_when_a_rate_was_measured() -> None:
+    from loadtest.two_stage_report import findings
+
+    def row(k: int, ndcg: float, rate: float | None) -> dict:
+        return {"backend": "faiss", "index": f"hnsw-{k}", "k_candidates": k, "ndcg10": ndcg, "ndcg10_ceiling": 0.5,
+                "index_config": {"kind": "hnsw"}, "ann_recall_at_k": 0.97, "slo": {"max_rate_per_s": rate}}
+
+    served = findings([row(100, 0.48, 200.0), row(300, 0.49, 90.0)])[0]
+    assert "highest throughput under the SLO is `hnsw-100` at K = 100" in served
+    offline = findings([row(100, 0.48, None), row(300, 0.49, None)])[0]
+    assert "highest NDCG@10 (no rate met the SLO, or none was measured) is `hnsw-300`" in offline
+
+
 # --------------------------------------------------------------------------------------------------
 # POST /search on a real server, index and Redis
 # --------------------------------------------------------------------------------------------------
