@@ -34,9 +34,10 @@ if __package__ in (None, ""):
 
 from export.accuracy import gate, score_split
 from export.benchmark import BenchConfig, one_list_call, sample_list, time_calls
+from export.onnx_export import op_types
 from export.report import results_stem, write_report_files
 from export.runtime import OrtScorer, TorchScorer
-from export.variants import DENSE_OPS, BuildContext, gemm_to_matmul, quiet, weight_dense_nodes
+from export.variants import DENSE_OPS, BuildContext, feeds_reader, gemm_to_matmul, quiet, weight_dense_nodes
 from models.environment import collect_environment, environment_markdown
 from models.paths import REPO_ROOT, model_dir
 from models.rankers import RankerConfig, multiply_adds_per_document
@@ -63,7 +64,6 @@ def label(attempt: dict) -> str:
 
 def build(attempt: dict, ctx: BuildContext, target: Path) -> None:
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
@@ -92,15 +92,8 @@ def build(attempt: dict, ctx: BuildContext, target: Path) -> None:
     rows = ctx.calibration.X[: (len(ctx.calibration.X) // CALIBRATION_BLOCK) * CALIBRATION_BLOCK]
     blocks = [{"features": block} for block in np.split(rows.astype(np.float32), len(rows) // CALIBRATION_BLOCK)]
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter(blocks)
-
-        def get_next(self) -> dict | None:
-            return next(self.feeds, None)
-
     quiet(lambda: quantize_static(
-        str(source), str(target), Reader(), quant_format=getattr(QuantFormat, attempt["format"]),
+        str(source), str(target), feeds_reader(blocks), quant_format=getattr(QuantFormat, attempt["format"]),
         op_types_to_quantize=list(DENSE_OPS), nodes_to_quantize=nodes, per_channel=attempt["per_channel"],
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, attempt["calibration"]),
@@ -110,7 +103,7 @@ def build(attempt: dict, ctx: BuildContext, target: Path) -> None:
 def measure(path: Path, ctx: BuildContext, test: Any, reference: np.ndarray, bench: BenchConfig) -> dict[str, Any]:
     scorer = OrtScorer(path, pointwise=ctx.pointwise, n_features=ctx.n_features, threads=1)
     report = gate(reference, score_split(scorer, test), test)
-    ops = sorted({n.op_type for n in __import__("onnx").load(str(path)).graph.node})
+    ops = sorted(op_types(path))
     row: dict[str, Any] = {"retention": report.retention, "valid": report.valid, "ops": ops}
     for n in SIZES:
         times = time_calls(one_list_call(scorer, sample_list(test.X, n)), bench)

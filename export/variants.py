@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -194,6 +195,21 @@ def choose_granularity(ctx: BuildContext, quantize: Callable[[bool, Path], None]
     return {"weights": chosen, "granularity_reason": reason, "granularity_measured": measured}
 
 
+def feeds_reader(feeds: list[dict[str, np.ndarray]]) -> Any:
+    """ONNX Runtime's calibration input: an `onnxruntime.quantization.CalibrationDataReader` handing
+    out `feeds` once, in order (a fresh one per quantize_static call)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class FeedsReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.feeds, None)
+
+    return FeedsReader()
+
+
 # ---------------------------------------------------------------------------------------------- builders
 
 def copy_checkpoint(ctx: BuildContext, folder: str) -> Path:
@@ -264,21 +280,14 @@ def build_onnx_int8_static(ctx: BuildContext) -> Built:
     Uses onnxruntime.quantization directly: optimum's static path needs a `datasets.Dataset` for
     calibration and its presets leave Gemm out; here Gemm and MatMul are named explicitly.
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     source = ctx.onnx_fp32()
     nodes = weight_dense_nodes(onnx.load(str(source)))
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter(ctx.calibration_feeds())
-
-        def get_next(self) -> dict | None:
-            return next(self.feeds, None)
-
     def quantize(per_channel: bool, target: Path) -> None:
         quiet(lambda: quantize_static(
-            str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(DENSE_OPS),
+            str(source), str(target), feeds_reader(ctx.calibration_feeds()), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(DENSE_OPS),
             nodes_to_quantize=nodes, per_channel=per_channel, activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True}))
 
