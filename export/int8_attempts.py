@@ -13,6 +13,12 @@ graph) and in QOperator form (QLinearMatMul: activations stay integer between th
 MinMax, Entropy and Percentile calibration, per-tensor and per-channel weights; dynamic, per-tensor
 and per-channel. Activations u8, weights s8 throughout (the VNNI pairing).
 
+Beside the speeds, ONNX Runtime's profiler splits fp32's and the kept attempt's calls into the
+feature normalizer, the dense layers and (de)quantization (export/node_profile.py), with each dense
+layer's multiply-add rate, and the report gives the Amdahl bound: what int8 could reach over fp32 with
+its dense layers at the int8 roof, measured in the same run. Where that bound is below a target, no
+int8 recipe can reach it on this model.
+
     python export/int8_attempts.py [--checkpoint artifacts/models/mlp-ranknet]
 
 Writes results/models/<cpu>-<isa>-<model>-int8-attempts.{md,json}.
@@ -33,7 +39,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.accuracy import gate, score_split
-from export.benchmark import BenchConfig, one_list_call, sample_list, time_calls
+from export.benchmark import BenchConfig, measure_roofs, one_list_call, sample_list, time_calls
+from export.node_profile import amdahl_bound, dense_layer_rates, grouped, node_times
 from export.onnx_export import op_types
 from export.report import results_stem, write_report_files
 from export.runtime import OrtScorer, TorchScorer
@@ -100,15 +107,28 @@ def build(attempt: dict, ctx: BuildContext, target: Path) -> None:
         extra_options={"WeightSymmetric": True}))
 
 
-def measure(path: Path, ctx: BuildContext, test: Any, reference: np.ndarray, bench: BenchConfig) -> dict[str, Any]:
+def layer_macs(config: RankerConfig, n_docs: int) -> list[int]:
+    """Multiply-adds of each of the MLP's dense layers for one call of `n_docs` documents."""
+    widths = [config.n_features, *config.hidden, 1]
+    return [n_docs * a * b for a, b in zip(widths[:-1], widths[1:], strict=True)]
+
+
+def measure(path: Path, ctx: BuildContext, test: Any, reference: np.ndarray, bench: BenchConfig,
+            config: RankerConfig) -> dict[str, Any]:
+    """Retention, ops, p50 and documents per second at each size, and where each size's call spends
+    its time (`profile@n`: microseconds per group; `layers@n`: each dense layer's rate)."""
     scorer = OrtScorer(path, pointwise=ctx.pointwise, n_features=ctx.n_features, threads=1)
     report = gate(reference, score_split(scorer, test), test)
     ops = sorted(op_types(path))
     row: dict[str, Any] = {"retention": report.retention, "valid": report.valid, "ops": ops}
     for n in SIZES:
-        times = time_calls(one_list_call(scorer, sample_list(test.X, n)), bench)
+        rows = sample_list(test.X, n)
+        times = time_calls(one_list_call(scorer, rows), bench)
         row[f"p50_ms@{n}"] = float(np.median(times) * 1e3)
         row[f"docs_per_s@{n}"] = n / float(np.median(times))
+        nodes = node_times(path, {"features": np.ascontiguousarray(rows, dtype=np.float32)})
+        row[f"profile@{n}"] = grouped(nodes)
+        row[f"layers@{n}"] = dense_layer_rates(nodes, layer_macs(config, n))
     return row
 
 
@@ -119,27 +139,34 @@ def run(checkpoint: Path) -> dict[str, Any]:
     model, card = load_checkpoint(checkpoint)
     if not card["pointwise"]:
         raise SystemExit("int8_attempts: the MLP (pointwise) only; the attention ranker's graph is another study")
+    config = RankerConfig.from_dict(card["config"])
     dataset = dataset_of(card)
     test = dataset.test
-    bench = BenchConfig()
+    bench = BenchConfig(threads=(1,))
+    roofs = measure_roofs(bench)
     reference = score_split(TorchScorer(model, pointwise=True, n_features=card["n_features"]), test)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ctx = BuildContext(model=model, checkpoint=checkpoint, pointwise=True, n_features=card["n_features"],
                            out_dir=Path(tmp), calibration=dataset.train.subset(range(CALIBRATION_QUERIES)))
-        fp32 = measure(ctx.onnx_fp32(), ctx, test, reference, bench)
+        fp32 = measure(ctx.onnx_fp32(), ctx, test, reference, bench, config)
         rows.append({"attempt": "onnx-fp32 (the baseline)", **fp32})
         for i, attempt in enumerate(attempts()):
             target = Path(tmp) / f"attempt-{i}.onnx"
             build(attempt, ctx, target)
-            row = {"attempt": label(attempt), **attempt, **measure(target, ctx, test, reference, bench)}
+            row = {"attempt": label(attempt), **attempt, **measure(target, ctx, test, reference, bench, config)}
             for n in SIZES:
                 row[f"speedup@{n}"] = row[f"docs_per_s@{n}"] / fp32[f"docs_per_s@{n}"]
             rows.append(row)
             print(f"{row['attempt']:<40} retention {row['retention']:.4f}  x fp32 @100 {row['speedup@100']:.2f}  "
                   f"@1000 {row['speedup@1000']:.2f}", flush=True)
-    return {"model": card["name"], "version": card["version"],
-            "macs_per_document": multiply_adds_per_document(RankerConfig.from_dict(card["config"])),
+    macs = multiply_adds_per_document(config)
+    for row in rows:
+        roof = roofs.fp32["1"] if row is rows[0] else roofs.int8["1"]
+        row["roof_fraction@1000"] = macs * row["docs_per_s@1000"] / roof
+    return {"model": card["name"], "version": card["version"], "macs_per_document": macs,
+            "roofs": roofs.model_dump(),
+            "amdahl_bound": {str(n): amdahl_bound(fp32[f"profile@{n}"], macs * n, roofs.int8["1"]) for n in SIZES},
             "rows": rows, "environment": collect_environment()}
 
 
@@ -147,6 +174,38 @@ def kept(report: dict) -> dict | None:
     """The winner: the valid attempt with the most documents per second at 1000 documents."""
     valid = [r for r in report["rows"][1:] if r["valid"]]
     return max(valid, key=lambda r: r["docs_per_s@1000"], default=None)
+
+
+def time_split(report: dict, best: dict | None) -> list[str]:
+    """The 'where the time goes' section: fp32's and the kept attempt's calls split by ONNX Runtime's
+    profiler, each dense layer's rate, and the Amdahl bound that the split implies."""
+    roofs, fp32 = report["roofs"], report["rows"][0]
+    shown = [fp32] + ([best] if best else [])
+    lines = ["", "## Where the time goes (ONNX Runtime's profiler, median microseconds per call)", "",
+             f"Roofs in this run, 1 thread: int8 {roofs['int8']['1'] / 1e9:.1f} G multiply-adds/s, fp32 "
+             f"{roofs['fp32']['1'] / 1e9:.1f} G ({roofs['int8']['1'] / roofs['fp32']['1']:.2f}x).", ""]
+    for n in SIZES:
+        split = fp32[f"profile@{n}"]
+        share = split["normalizer"] / sum(split.values())
+        achieved = best[f"speedup@{n}"] if best else None
+        lines.append(f"- At {n} documents the feature normalizer takes {share:.0%} of onnx-fp32's time. With every "
+                     f"dense layer at the int8 roof and the rest as fast as fp32's, int8 could reach at most "
+                     f"**{report['amdahl_bound'][str(n)]:.2f}x** onnx-fp32"
+                     + (f"; the kept attempt reached {achieved:.2f}x." if achieved else "."))
+    lines += ["", "| attempt | documents | normalizer | dense layers | (de)quantize | other | each dense layer: op, "
+              "microseconds, G multiply-adds/s (roof fraction) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in shown:
+        roof = roofs["fp32"]["1"] if r is fp32 else roofs["int8"]["1"]
+        for n in SIZES:
+            split = r[f"profile@{n}"]
+            layers = "; ".join(f"{layer['op']} {layer['us']:.0f} us, {layer['macs_per_s'] / 1e9:.1f} G "
+                               f"({layer['macs_per_s'] / roof:.0%})" for layer in r[f"layers@{n}"] if layer["macs_per_s"])
+            lines.append(f"| {r['attempt']} | {n} | {split['normalizer']:.0f} | {split['dense']:.0f} | "
+                         f"{split['quantize']:.0f} | {split['other']:.0f} | {layers} |")
+    lines += ["", "The normalizer is the model's first layer (signed log1p of every raw feature, standardization, "
+              "clamp): float work that int8 cannot speed up. Node times are kernel times only, so they sum to a "
+              "little less than the p50 below."]
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -157,12 +216,15 @@ def markdown(report: dict) -> str:
              (f"- **{best['attempt']}**: {best['speedup@1000']:.2f}x onnx-fp32 at 1000 documents, "
               f"{best['speedup@100']:.2f}x at 100, NDCG@10 retention {best['retention']:.4f}: the valid attempt "
               "with the most documents per second at 1000 documents." if best else "- No attempt passed the gate."),
-             "", "| attempt | retention | valid | p50 ms @100 | x fp32 @100 | p50 ms @1000 | x fp32 @1000 | ops |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             *time_split(report, best),
+             "", "| attempt | retention | valid | p50 ms @100 | x fp32 @100 | p50 ms @1000 | x fp32 @1000 "
+             "| roof fraction @1000 | ops |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         lines.append(f"| {r['attempt']} | {r['retention']:.4f} | {'yes' if r['valid'] else 'no'} | "
                      f"{r['p50_ms@100']:.3f} | {r.get('speedup@100', 1.0):.2f}x | {r['p50_ms@1000']:.3f} | "
-                     f"{r.get('speedup@1000', 1.0):.2f}x | {', '.join(o for o in r['ops'] if o not in ('Relu', 'Add'))} |")
+                     f"{r.get('speedup@1000', 1.0):.2f}x | {r['roof_fraction@1000']:.0%} | "
+                     f"{', '.join(o for o in r['ops'] if o not in ('Relu', 'Add'))} |")
     lines += ["", "How to read it: one thread, one list per call, after warm-up (export/benchmark.py). Retention: "
               "NDCG@10 over the torch model's on the test split; valid at 0.99 or more, as in the lab's gate. "
               "Calibration: the rows of the first 32 training lists, in batches of 100. Activations u8, weights s8 "

@@ -87,6 +87,20 @@ class Scorer(ABC):
         return f"{type(self).__name__}({self.model}/{self.variant}, threads={self.threads}, device={self.device})"
 
 
+def session_options(threads: int = 1, allow_spinning: bool = False) -> Any:
+    """The ONNX Runtime session options every variant runs with (the module docstring says why)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    options.log_severity_level = 3
+    return options
+
+
 class OrtScorer(Scorer):
     """An ONNX Runtime session over one variant file."""
 
@@ -94,15 +108,9 @@ class OrtScorer(Scorer):
                  providers: list[str] | None = None, allow_spinning: bool = False) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        options.log_severity_level = 3
         self.providers = resolve_providers(providers)
-        self.session = ort.InferenceSession(str(path), options, providers=self.providers)
+        self.session = ort.InferenceSession(str(path), session_options(threads, allow_spinning),
+                                            providers=self.providers)
         self.pointwise, self.n_features, self.threads = pointwise, n_features, threads
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
 

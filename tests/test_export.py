@@ -242,3 +242,61 @@ def test_bf16_is_built_and_gated_where_the_cpu_has_the_flags(built, tmp_path, mo
     assert entry.accuracy.retention > 0.95 and entry.accuracy.kendall_tau > 0.9
     scorer = load_scorer("torch-bf16", manifest_path=tmp_path / "manifest.json", allow_invalid=True)
     assert scorer.bf16 is True
+
+
+def test_node_profile_splits_a_call_into_normalizer_dense_layers_and_quantize(built) -> None:
+    """ONNX Runtime's profiler, read back: the fp32 graph's time falls in the normalizer and the dense
+    layers (one per MLP layer, each with a rate), the dynamic int8 graph's dense layers are its integer
+    kernels; a profile that does not match the model's layers is refused."""
+    if built.arch != "mlp":
+        pytest.skip("the node split and layer rates are the MLP's (export/int8_attempts.py)")
+    from export.int8_attempts import layer_macs
+    from export.node_profile import DENSE_KERNELS, dense_layer_rates, grouped, node_times
+    from models.rankers import RankerConfig
+    from models.train import load_checkpoint
+
+    _model, card = load_checkpoint(built.checkpoint)
+    config = RankerConfig.from_dict(card["config"])
+    rows = np.random.default_rng(0).lognormal(size=(64, built.dataset.n_features)).astype(np.float32)
+    fp32 = node_times(built.out_dir / "onnx-fp32.onnx", {"features": rows}, calls=5, warmup=2)
+    split = grouped(fp32)
+    assert split["normalizer"] > 0 and split["dense"] > 0 and split["quantize"] == 0
+    assert {t.op for t in fp32[:3]} <= {"Abs", "Sign", "Log", "Add", "Mul", "Sub", "Div", "Clip"}
+    layers = dense_layer_rates(fp32, layer_macs(config, 64))
+    assert len(layers) == len(config.hidden) + 1 and all(layer["macs_per_s"] > 0 for layer in layers)
+
+    dynamic = node_times(built.out_dir / "onnx-int8-dynamic.onnx", {"features": rows}, calls=5, warmup=2)
+    assert {t.op for t in dynamic if t.op in DENSE_KERNELS} <= INTEGER_OPS
+    assert grouped(dynamic)["dense"] > 0
+    with pytest.raises(ValueError, match="dense nodes"):
+        dense_layer_rates(fp32, [1])
+
+
+def test_amdahl_bound_and_grouping_arithmetic() -> None:
+    """Pure arithmetic: nodes before the first layer are the normalizer; with 60 of 100 us in dense
+    layers whose 6e6 multiply-adds take 6 us at a 1e12/s roof, int8 gains at most 100 / 46."""
+    from export.node_profile import NodeTime, amdahl_bound, grouped
+
+    times = [NodeTime("a", "Log", 20.0), NodeTime("b", "Sign", 10.0), NodeTime("c", "QuantizeLinear", 4.0),
+             NodeTime("d", "QGemm", 60.0), NodeTime("e", "Relu", 5.0), NodeTime("f", "Add", 1.0)]
+    assert grouped(times) == {"normalizer": 30.0, "dense": 60.0, "quantize": 4.0, "other": 6.0}
+    fp32 = {"normalizer": 30.0, "dense": 60.0, "quantize": 0.0, "other": 10.0}
+    assert amdahl_bound(fp32, total_macs=6e6, int8_roof=1e12) == pytest.approx(100 / 46)
+
+
+def test_width_curve_findings_name_where_int8_pays_and_where_it_pays_strongly() -> None:
+    """The findings are computed from the rows: the smallest width at which a valid int8 variant
+    reaches 1.1x and 2.5x onnx-fp32, at each size; an invalid variant never counts."""
+    from export.width_curve import findings
+
+    def row(macs: int, variant: str, speedup: float, valid: bool = True) -> dict:
+        return {"macs_per_doc": macs, "variant": variant, "valid": valid, **{
+            f"{key}@{n}": value for n in (100, 1000)
+            for key, value in (("speedup", speedup), ("roof_fraction", speedup / 5))}}
+
+    rows = [row(68_000, "onnx-fp32", 1.0), row(68_000, "onnx-int8-dynamic", 1.8),
+            row(251_000, "onnx-int8-dynamic", 2.6), row(126_000, "onnx-int8-static", 3.0, valid=False)]
+    lines = findings(rows, {"int8": {"1": 200e9}, "fp32": {"1": 50e9}})
+    assert "4.00x" in lines[0]
+    assert all("paid (1.1x or more) from 68K" in line and "2.5x or more from 251K." in line for line in lines[1:])
+    assert len(lines) == 3
