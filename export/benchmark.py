@@ -102,14 +102,15 @@ def bench_scorer(open_scorer: Callable[[int], Scorer], rows: np.ndarray, config:
 
 # ---------------------------------------------------------------------------------------------- roofs
 
-def fp32_roof(threads: int, repeats: int, size: int = ROOF_SIZE) -> float:
-    """Best multiply-adds/s of a size^3 fp32 torch.mm at `threads` threads (torch's own threads restored)."""
+def fp32_roof(threads: int, repeats: int, size: int = ROOF_SIZE, dtype: str = "float32") -> float:
+    """Best multiply-adds/s of a size^3 torch.mm at `threads` threads (torch's own threads restored), in
+    float32 or, for the bf16 roof, `dtype="bfloat16"`."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
+        a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
         torch.mm(a, b)
         best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     finally:
@@ -140,12 +141,20 @@ def int8_roof(threads: int, repeats: int, size: int = ROOF_SIZE) -> float:
 
 
 def measure_roofs(config: BenchConfig) -> Roofs:
+    """fp32 and int8 roofs at every thread count; a bf16 one too where the CPU has native bf16 math
+    (elsewhere torch emulates it and the torch-bf16 variant is skipped, export/variants.py)."""
+    from export.variants import bf16_unavailable
+
+    native_bf16 = bf16_unavailable() is None
     return Roofs(
         fp32={str(t): fp32_roof(t, config.roof_repeats) for t in config.all_threads},
         int8={str(t): int8_roof(t, config.roof_repeats) for t in config.all_threads},
+        bf16={str(t): fp32_roof(t, config.roof_repeats, dtype="bfloat16") for t in config.all_threads}
+        if native_bf16 else {},
         method={"fp32": f"torch.mm float32 {ROOF_SIZE}^3, best of {config.roof_repeats}",
                 "int8": f"onnxruntime MatMulInteger uint8 x int8 -> int32 {ROOF_SIZE}^3, best of "
-                        f"{config.roof_repeats}"},
+                        f"{config.roof_repeats}",
+                **({"bf16": f"torch.mm bfloat16 {ROOF_SIZE}^3, best of {config.roof_repeats}"} if native_bf16 else {})},
     )
 
 

@@ -30,6 +30,7 @@ import argparse
 import itertools
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,40 @@ from models.rankers import RankerConfig, multiply_adds_per_document
 CALIBRATION_QUERIES = 32
 CALIBRATION_BLOCK = 100  # rows per calibration batch
 SIZES = (100, 1000)
+
+
+# ONNX Runtime session options that can matter when one call takes tens of microseconds, each what it
+# changes from export/runtime.session_options (the served settings: ORT_ENABLE_ALL, memory arena and
+# memory pattern on, sequential, no spinning; at 1 thread there is no pool to spin). Each function gets
+# the options and the onnxruntime module.
+SESSION_OPTIONS: dict[str, Callable[[Any, Any], None]] = {
+    "as served": lambda options, ort: None,
+    "graph optimization EXTENDED (no layout transforms)": lambda options, ort: setattr(
+        options, "graph_optimization_level", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
+    "graph optimization BASIC (no fusions)": lambda options, ort: setattr(
+        options, "graph_optimization_level", ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
+    "no CPU memory arena": lambda options, ort: setattr(options, "enable_cpu_mem_arena", False),
+    "no memory pattern": lambda options, ort: setattr(options, "enable_mem_pattern", False),
+    "denormals flushed to zero": lambda options, ort: options.add_session_config_entry(
+        "session.set_denormal_as_zero", "1"),
+}
+
+
+def session_option_times(path: Path, lists: dict[int, np.ndarray], bench: BenchConfig) -> dict[str, dict[str, float]]:
+    """p50 milliseconds of one call per session option and list size (1 thread)."""
+    import onnxruntime as ort
+
+    from export.runtime import session_options
+
+    out = {}
+    for name, change in SESSION_OPTIONS.items():
+        options = session_options(threads=1)
+        change(options, ort)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        out[name] = {f"p50_ms@{n}": float(np.median(time_calls(
+            lambda run=session.run, feed={"features": rows}: run(None, feed), bench)) * 1e3)
+            for n, rows in lists.items()}
+    return out
 
 
 def attempts() -> list[dict[str, Any]]:
@@ -160,6 +195,13 @@ def run(checkpoint: Path) -> dict[str, Any]:
             rows.append(row)
             print(f"{row['attempt']:<40} retention {row['retention']:.4f}  x fp32 @100 {row['speedup@100']:.2f}  "
                   f"@1000 {row['speedup@1000']:.2f}", flush=True)
+        # The session options, on fp32 and on the attempt the study keeps (kept() below, by index here).
+        lists = {n: sample_list(test.X, n) for n in SIZES}
+        best = max((i for i, r in enumerate(rows) if i and r["valid"]), key=lambda i: rows[i]["docs_per_s@1000"],
+                   default=None)
+        options = {rows[0]["attempt"]: session_option_times(ctx.onnx_fp32(), lists, bench)}
+        if best is not None:
+            options[rows[best]["attempt"]] = session_option_times(Path(tmp) / f"attempt-{best - 1}.onnx", lists, bench)
     macs = multiply_adds_per_document(config)
     for row in rows:
         roof = roofs.fp32["1"] if row is rows[0] else roofs.int8["1"]
@@ -167,7 +209,7 @@ def run(checkpoint: Path) -> dict[str, Any]:
     return {"model": card["name"], "version": card["version"], "macs_per_document": macs,
             "roofs": roofs.model_dump(),
             "amdahl_bound": {str(n): amdahl_bound(fp32[f"profile@{n}"], macs * n, roofs.int8["1"]) for n in SIZES},
-            "rows": rows, "environment": collect_environment()}
+            "rows": rows, "session_options": options, "environment": collect_environment()}
 
 
 def kept(report: dict) -> dict | None:
@@ -208,6 +250,26 @@ def time_split(report: dict, best: dict | None) -> list[str]:
     return lines
 
 
+def session_option_lines(report: dict) -> list[str]:
+    """The session options table: p50 per option, and its ratio to the served settings."""
+    measured = report.get("session_options") or {}
+    if not measured:
+        return []
+    header = " | ".join(f"{name}: p50 ms @{n} | x served @{n}" for name in measured for n in SIZES)
+    lines = ["", "## ONNX Runtime session options (1 thread)", "",
+             "Each row changes one option from the served settings (export/runtime.session_options); "
+             "x served is the served p50 over this row's (above 1.00x: faster).", "",
+             f"| option | {header} |", "| --- |" + " --- | --- |" * (len(measured) * len(SIZES))]
+    for option in SESSION_OPTIONS:
+        cells = []
+        for times in measured.values():
+            for n in SIZES:
+                p50, served = times[option][f"p50_ms@{n}"], times["as served"][f"p50_ms@{n}"]
+                cells += [f"{p50:.3f}", f"{served / p50:.2f}x"]
+        lines.append(f"| {option} | {' | '.join(cells)} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     best = kept(report)
     lines = [f"# int8 recipes for `{report['model']}` ({report['macs_per_document']:,} multiply-adds per document)", "",
@@ -217,6 +279,7 @@ def markdown(report: dict) -> str:
               f"{best['speedup@100']:.2f}x at 100, NDCG@10 retention {best['retention']:.4f}: the valid attempt "
               "with the most documents per second at 1000 documents." if best else "- No attempt passed the gate."),
              *time_split(report, best),
+             *session_option_lines(report),
              "", "| attempt | retention | valid | p50 ms @100 | x fp32 @100 | p50 ms @1000 | x fp32 @1000 "
              "| roof fraction @1000 | ops |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -52,7 +52,7 @@ class BenchRow(_Strict):
     mean_ms: float
     docs_per_s: float
     macs_per_s: float | None = None
-    roof: Literal["fp32", "int8"] | None = None
+    roof: Literal["fp32", "int8", "bf16"] | None = None
     roof_fraction: float | None = Field(default=None, description="achieved MAC/s over the roof's MAC/s")
 
 
@@ -87,6 +87,8 @@ class Roofs(_Strict):
 
     fp32: dict[str, float] = Field(description="threads -> MAC/s of a large fp32 matmul")
     int8: dict[str, float] = Field(description="threads -> MAC/s of a large int8 matmul")
+    bf16: dict[str, float] = Field(default_factory=dict, description=(
+        "threads -> MAC/s of a large bfloat16 matmul; measured only on CPUs with native bf16 math"))
     method: dict[str, str] = Field(default_factory=dict)
 
 

@@ -27,7 +27,7 @@ from rich.console import Console  # noqa: E402
 from export.accuracy import gate as accuracy_gate  # noqa: E402
 from export.accuracy import score_split  # noqa: E402
 from export.benchmark import BenchConfig, bench_scorer, gpu_rows, measure_roofs  # noqa: E402
-from export.manifest import Manifest, ModelInfo, VariantEntry, sha256_of, size_of  # noqa: E402
+from export.manifest import Manifest, ModelInfo, Roofs, VariantEntry, sha256_of, size_of  # noqa: E402
 from export.report import print_table, write_tables  # noqa: E402
 from export.runtime import TorchScorer, open_variant  # noqa: E402
 from export.variants import VARIANTS, BuildContext  # noqa: E402
@@ -87,7 +87,8 @@ def quantize(checkpoint: Path, *, out_dir: Path | None = None, variants: list[st
         started = time.perf_counter()
         roofs = measure_roofs(bench)
         log(f"roofs measured in {time.perf_counter() - started:.1f} s: " + ", ".join(
-            f"{t} thread(s) fp32 {roofs.fp32[t] / 1e9:.1f} / int8 {roofs.int8[t] / 1e9:.1f} GMAC/s" for t in roofs.fp32))
+            f"{t} thread(s) fp32 {roofs.fp32[t] / 1e9:.1f} / int8 {roofs.int8[t] / 1e9:.1f}"
+            + (f" / bf16 {roofs.bf16[t] / 1e9:.1f}" if t in roofs.bf16 else "") + " GMAC/s" for t in roofs.fp32))
 
     data_info = {"spec": card["data"]["spec"], "seed": card["data"].get("seed"), "test": test.summary(),
                  "test_sha256": hashlib.sha256(test.X.tobytes() + test.y.tobytes()).hexdigest()[:16]}
@@ -125,7 +126,7 @@ def quantize(checkpoint: Path, *, out_dir: Path | None = None, variants: list[st
         report = accuracy_gate(reference, score_split(open_scorer(all_threads), test), test)
         rows = [] if skip_bench else bench_scorer(
             open_scorer, test.X, bench, macs_per_doc=lambda n: multiply_adds_per_document(config, list_len=n),
-            roof="int8" if variant.precision == "int8" else "fp32", roofs=roofs)
+            roof=roof_of(variant.precision, roofs), roofs=roofs)
         entries[name] = VariantEntry(
             name=name, description=variant.description, format=variant.format, precision=variant.precision,
             file=os.path.relpath(built.path, out_dir), sha256=sha256_of(built.path), size_bytes=size_of(built.path),
@@ -160,6 +161,14 @@ def quantize(checkpoint: Path, *, out_dir: Path | None = None, variants: list[st
         md, csv = write_tables(manifest, Path(results_dir) if results_dir else RESULTS / "models", environment)
         log(f"results: {md} and {csv}")
     return manifest
+
+
+def roof_of(precision: str, roofs: Roofs | None) -> str:
+    """The roof a variant is measured against: int8's for int8, bf16's for bf16 where it was measured,
+    fp32's otherwise (fp16 on the CPU runs fp32 kernels)."""
+    if precision == "int8":
+        return "int8"
+    return "bf16" if precision == "bf16" and roofs and roofs.bf16 else "fp32"
 
 
 def default_checkpoint(arch: str) -> Path:

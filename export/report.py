@@ -17,8 +17,11 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from export.manifest import Manifest
-from models.environment import environment_markdown
+if __package__ in (None, ""):  # run as a script: `python export/report.py <manifest.json>`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.manifest import Manifest  # noqa: E402
+from models.environment import environment_markdown  # noqa: E402
 
 BASELINE = "onnx-fp32"
 SCREEN_HIDDEN = {"docs/s@100", "size MB"}  # the terminal table drops these to fit; files keep them
@@ -143,7 +146,7 @@ def write_tables(manifest: Manifest, results_dir: Path, environment: dict) -> tu
         "Written by `python export/quantize.py`. One list per call (attention: batch 1), after warm-up. "
         "Validity: NDCG@10 retention vs the fp32 torch model >= 99% (MLPerf's 99% target; 99.9% marked). "
         "Roof fraction: achieved multiply-adds/s over a large matrix product's on this machine "
-        "(fp32 roof for fp32/fp16 variants, int8 roof for int8 variants).",
+        "(fp32 roof for fp32/fp16 variants, int8 roof for int8 variants, bf16 roof for bf16 where measured).",
         "",
         "## CPU",
         "",
@@ -157,15 +160,53 @@ def write_tables(manifest: Manifest, results_dir: Path, environment: dict) -> tu
     else:
         parts += ["", "GPU rows: none (no GPU on this machine; torch.cuda.is_available() was False)."]
     if roofs:
-        parts += ["", "## Roofs (multiply-adds per second)", "", "| threads | fp32 | int8 |", "|---|---|---|"]
-        parts += [f"| {t} | {roofs.fp32[t] / 1e9:.1f} G | {roofs.int8.get(t, 0) / 1e9:.1f} G |" for t in roofs.fp32]
-        parts += ["", f"fp32: {roofs.method.get('fp32', '')}; int8: {roofs.method.get('int8', '')}."]
+        bf16 = bool(roofs.bf16)
+        parts += ["", "## Roofs (multiply-adds per second)", "", "| threads | fp32 | int8 |" + (" bf16 |" if bf16 else ""),
+                  "|---|---|---|" + ("---|" if bf16 else "")]
+        parts += [f"| {t} | {roofs.fp32[t] / 1e9:.1f} G | {roofs.int8.get(t, 0) / 1e9:.1f} G |"
+                  + (f" {roofs.bf16.get(t, 0) / 1e9:.1f} G |" if bf16 else "") for t in roofs.fp32]
+        parts += ["", "; ".join(f"{name}: {method}" for name, method in roofs.method.items()) + "."]
+    parts += isa_lines(manifest, environment)
     macs = ", ".join(f"{n} docs: {m:,.0f}" for n, m in manifest.model.macs_per_document.items())
     parts += ["", f"Multiply-adds per document: {macs}.", "", "## Environment", "", environment_markdown(environment), ""]
     md, csv = stem.with_suffix(".md"), stem.with_suffix(".csv")
     md.write_text("\n".join(parts))
     cells_frame(manifest).to_csv(csv, index=False)
     return md, csv
+
+
+def isa_lines(manifest: Manifest, environment: dict) -> list[str]:
+    """What the instruction set decides, computed from this run's roofs and rows (1 thread, the largest
+    list measured): an int8 variant's speed-up over onnx-fp32 is the roofs' ratio times the two
+    variants' roof fractions' ratio, so the table shows which factor set the result."""
+    roofs = manifest.roofs
+    cells = cells_frame(manifest)
+    if not roofs or "1" not in roofs.fp32 or "1" not in roofs.int8 or not len(cells):
+        return []
+    cells = cells[(cells.device == "cpu") & (cells.threads == 1)]
+    n_docs = int(cells.n_docs.max())
+    at = cells[cells.n_docs == n_docs]
+    base = at[at.variant == BASELINE]
+    int8 = at[(at.precision == "int8") & at.valid]
+    ratio = roofs.int8["1"] / roofs.fp32["1"]
+    lines = ["", f"## What the instruction set decides (computed from the roofs and the rows, 1 thread, {n_docs} "
+             "documents)", "",
+             f"- This CPU's ISA level is `{isa_slug(environment)}`: the int8 roof was {roofs.int8['1'] / 1e9:.1f} G "
+             f"multiply-adds/s against fp32's {roofs.fp32['1'] / 1e9:.1f} G, **{ratio:.2f}x**. That is the most an "
+             "int8 variant can gain over fp32 when both run at the same fraction of their roofs."]
+    if len(base) and len(int8):
+        best = int8.loc[int8.docs_per_s.idxmax()]
+        fp32 = base.iloc[0]
+        speedup = best.docs_per_s / fp32.docs_per_s
+        lines.append(
+            f"- The fastest valid int8 variant, `{best.variant}`, ran **{speedup:.2f}x** onnx-fp32: "
+            f"{ratio:.2f}x (the roofs) times {best.roof_fraction:.0%} of its roof over onnx-fp32's "
+            f"{fp32.roof_fraction:.0%} of its own ({best.roof_fraction / fp32.roof_fraction:.2f}). "
+            + ("The roofs' ratio is the limit here." if best.roof_fraction >= fp32.roof_fraction else
+               "The int8 variant's lower roof fraction (the work around its integer products, and the model's "
+               "float layers, at a fixed cost) is what kept it below the roofs' ratio; "
+               "`python export/int8_attempts.py` splits that time node by node."))
+    return lines
 
 
 def print_table(manifest: Manifest, console: Console | None = None) -> None:
@@ -182,3 +223,25 @@ def print_table(manifest: Manifest, console: Console | None = None) -> None:
             style = "red" if row.get("validity") == "INVALID" else None
             table.add_row(*(row.get(c, "-") for c in columns), style=style)
         console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python export/report.py <manifest.json> [results dir]`: a model's tables written again from its
+    manifest, with no new measurement (the environment is the one its variants were measured in)."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) not in (1, 2):
+        print("usage: python export/report.py <manifest.json> [results dir]", file=sys.stderr)
+        return 2
+    manifest = Manifest.load(Path(args[0]))
+    measured = next(iter(manifest.variants.values()), None)
+    if measured is None:
+        print(f"{args[0]}: no variants to tabulate", file=sys.stderr)
+        return 2
+    results_dir = Path(args[1]) if len(args) == 2 else Path(__file__).resolve().parents[1] / "results" / "models"
+    md, csv = write_tables(manifest, results_dir, measured.environment)
+    print(f"wrote {md} and {csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -147,15 +147,15 @@ def write_report(run_dir: Path | str, plots: bool = True) -> str:
 
 
 def generator_capacity(run: Run, results_dir: Path | None = None) -> dict | None:
-    """The open-loop generator's self-test on the run's CPU (results/loadgen/<cpu>-selftest.json)."""
+    """The open-loop generator's self-test on the run's CPU and ISA (results/loadgen/<cpu>-<isa>-selftest.json)."""
     import json
 
-    from export.report import cpu_slug
+    from export.report import results_stem
     from models.paths import RESULTS
 
     if not run.environment.get("cpu"):
         return None
-    path = (results_dir or RESULTS / "loadgen") / f"{cpu_slug(run.environment)}-selftest.json"
+    path = (results_dir or RESULTS / "loadgen") / f"{results_stem(run.environment, 'quick')}-selftest.json"
     if not path.exists():
         return None
     data = json.loads(path.read_text())
@@ -175,7 +175,7 @@ def generators_line(run: Run, relative_to: Path | None = None) -> str:
     run_flags = (run.environment.get("cpu") or {}).get("isa_flags")
     test_flags = ((capacity or {}).get("environment", {}).get("cpu") or {}).get("isa_flags")
     if capacity and run_flags and test_flags and sorted(run_flags) != sorted(test_flags):
-        # cpu_slug names the model only: a self-test from a machine with other ISA flags is not this one's.
+        # results_stem names the CPU model and ISA level; a self-test from a machine with other ISA flags is not this one's.
         return line + (" The generator's self-test on file was measured on a CPU with other ISA flags, so it is "
                        "not quoted here (`python loadtest/openloop.py --self-test` measures this one).")
     if capacity and capacity.get("max_rate_on_time_per_s"):

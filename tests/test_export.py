@@ -169,6 +169,8 @@ def test_manifest_schema_round_trip_and_rejections(built, tmp_path) -> None:
 
 
 def test_benchmark_fields_and_results_table() -> None:
+    from export.quantize import roof_of
+
     built = built_variants("mlp")
     manifest = built.manifest
     assert manifest.roofs and manifest.roofs.fp32["1"] > 0 and manifest.roofs.int8["1"] > 0
@@ -177,7 +179,7 @@ def test_benchmark_fields_and_results_table() -> None:
         assert set(cells) == {(1, 1), (1, 100)}
         row = cells[(1, 100)]
         assert 0 < row.p50_ms <= row.p99_ms and row.docs_per_s > 0 and row.repeats >= 3
-        assert row.roof == ("int8" if entry.precision == "int8" else "fp32") and row.roof_fraction > 0
+        assert row.roof == roof_of(entry.precision, manifest.roofs) and row.roof_fraction > 0
     tables = list(built.results_dir.glob("*-mlp.md"))
     assert len(tables) == 1
     from export.report import isa_slug
@@ -300,3 +302,61 @@ def test_width_curve_findings_name_where_int8_pays_and_where_it_pays_strongly() 
     assert "4.00x" in lines[0]
     assert all("paid (1.1x or more) from 68K" in line and "2.5x or more from 251K." in line for line in lines[1:])
     assert len(lines) == 3
+
+
+def test_session_option_study_times_every_option_and_tables_them(built) -> None:
+    """Each registered session option opens the graph and times one call per size; the table has a
+    row per option with the served settings at 1.00x."""
+    if built.arch != "mlp":
+        pytest.skip("the int8 study is the MLP's")
+    from export.benchmark import BenchConfig
+    from export.int8_attempts import SESSION_OPTIONS, session_option_lines, session_option_times
+
+    rows = np.random.default_rng(0).lognormal(size=(100, built.dataset.n_features)).astype(np.float32)
+    times = session_option_times(built.out_dir / "onnx-int8-dynamic.onnx", {100: rows, 1000: np.tile(rows, (10, 1))},
+                                 BenchConfig.quick())
+    assert set(times) == set(SESSION_OPTIONS)
+    assert all(t["p50_ms@100"] > 0 and t["p50_ms@1000"] > 0 for t in times.values())
+    lines = session_option_lines({"session_options": {"onnx-int8-dynamic": times}})
+    served = next(line for line in lines if line.startswith("| as served |"))
+    assert served.count("1.00x") == 2
+    assert sum(line.startswith("| ") for line in lines) == len(SESSION_OPTIONS) + 2  # + header and rule
+
+
+def test_model_table_says_what_the_instruction_set_decided_and_rerenders_from_its_manifest(tmp_path) -> None:
+    """The table's ISA section is computed: the fastest valid int8 variant's speed-up equals the roofs'
+    ratio times its roof fraction over onnx-fp32's. `python export/report.py <manifest>` writes the
+    same table again with no new measurement."""
+    import re
+
+    from export.report import main as report_main
+
+    built = built_variants("mlp")
+    table = next(built.results_dir.glob("*-mlp.md"))
+    text = table.read_text()
+    assert "## What the instruction set decides" in text
+    found = re.search(r"ran \*\*([0-9.]+)x\*\* onnx-fp32: ([0-9.]+)x \(the roofs\) times .*\(([0-9.]+)\)\.", text)
+    assert found, text
+    speedup, ratio, fractions = map(float, found.groups())
+    assert speedup == pytest.approx(ratio * fractions, rel=0.02)
+    assert report_main([str(built.out_dir / "manifest.json"), str(tmp_path)]) == 0
+    assert (tmp_path / table.name).read_text() == text
+    assert report_main([]) == 2
+
+
+def test_bf16_roof_is_measured_only_with_native_bf16_and_bf16_rows_use_it(monkeypatch) -> None:
+    """The bf16 roof (torch.mm in bfloat16) is measured where the CPU has avx512_bf16 or amx_bf16, and a
+    bf16 variant's roof fraction is then over it; without the flags no bf16 roof, and fp32's is used."""
+    import models.environment
+    from export.benchmark import BenchConfig, measure_roofs
+    from export.quantize import roof_of
+
+    config = BenchConfig.quick(threads=(1,))
+    monkeypatch.setattr(models.environment, "cpu_flags", lambda: {"avx2"})
+    without = measure_roofs(config)
+    assert without.bf16 == {} and "bf16" not in without.method
+    assert roof_of("bf16", without) == "fp32" and roof_of("int8", without) == "int8" and roof_of("fp16", None) == "fp32"
+    monkeypatch.setattr(models.environment, "cpu_flags", lambda: {"avx512_bf16"})
+    native = measure_roofs(config)
+    assert native.bf16["1"] > 0 and "bfloat16" in native.method["bf16"]
+    assert roof_of("bf16", native) == "bf16"
