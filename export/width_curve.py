@@ -7,7 +7,7 @@ int8 roof over its fp32 roof) shows more. Each width is trained (models/train.py
 exported, gated and benchmarked by export/quantize.py exactly as the lab's models are, one thread;
 this script only runs them and sets their figures side by side.
 
-    python export/width_curve.py [--widths 256x128 384x192 640x256 1152x768] [--train-seconds 30]
+    python export/width_curve.py [--widths 256x128 384x192 640x256 768x512 1152x768] [--train-seconds 30]
 
 Writes results/models/<cpu>-<isa>-mlp-widths.{md,json}.
 """
@@ -114,7 +114,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--widths", nargs="+", default=["256x128", "384x192", "640x256", "1152x768"],
+    p.add_argument("--widths", nargs="+", default=["256x128", "384x192", "640x256", "768x512", "1152x768"],
                    help="hidden sizes per width, e.g. 640x256")
     p.add_argument("--train-seconds", type=float, default=30.0)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "models")
