@@ -53,7 +53,8 @@ cache: venv
 two-stage: venv
 	$(PY) loadtest/two_stage.py --profile full
 
-# Where int8 starts to pay as the MLP grows (68K, 126K, 251K, 498K and 1M multiply-adds per document; 4 to 8 minutes):
+# Where int8 starts to pay as the MLP grows (68K, 126K, 251K, 498K and 1M multiply-adds per document, each
+# benchmarked in 3 rounds; 5 to 10 minutes):
 # results/models/<cpu>-<isa>-mlp-widths.md
 widths: venv
 	$(PY) export/width_curve.py

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,35 +40,46 @@ def width_name(hidden: tuple[int, ...]) -> str:
     return "mlp-w" + "x".join(map(str, hidden))
 
 
-def build(hidden: tuple[int, ...], train_seconds: float, work: Path) -> dict:
-    """Train (unless the checkpoint exists), export, gate and benchmark one width; its manifest."""
+def build(hidden: tuple[int, ...], train_seconds: float, work: Path, rounds: int) -> list[dict]:
+    """Train (unless the checkpoint exists), then export, gate and benchmark one width `rounds` times;
+    each round's manifest."""
     name = width_name(hidden)
     if not (model_dir(name) / "model_card.json").exists():
         subprocess.run([sys.executable, "models/train.py", "--arch", "mlp", "--hidden", *map(str, hidden), "--name",
                         name, "--max-seconds", str(train_seconds), "--quiet"], cwd=REPO_ROOT, check=True, timeout=1800)
-    subprocess.run([sys.executable, "export/quantize.py", "--arch", "mlp", "--checkpoint", str(model_dir(name)),
-                    "--variants", "torch-eager", *VARIANTS, "--threads", "1", "--sizes", *map(str, SIZES),
-                    "--results-dir", str(work / name)], cwd=REPO_ROOT, check=True, timeout=1800)
-    return json.loads((variants_dir(name) / "manifest.json").read_text())
+    manifests = []
+    for round_ in range(rounds):
+        subprocess.run([sys.executable, "export/quantize.py", "--arch", "mlp", "--checkpoint", str(model_dir(name)),
+                        "--variants", "torch-eager", *VARIANTS, "--threads", "1", "--sizes", *map(str, SIZES),
+                        "--results-dir", str(work / name / f"round-{round_ + 1}")], cwd=REPO_ROOT, check=True,
+                       timeout=1800)
+        manifests.append(json.loads((variants_dir(name) / "manifest.json").read_text()))
+    return manifests
 
 
-def rows_of(hidden: tuple[int, ...], manifest: dict) -> list[dict[str, Any]]:
-    def cell(variant: str, n_docs: int) -> dict:
+def rows_of(hidden: tuple[int, ...], manifests: list[dict]) -> list[dict[str, Any]]:
+    """One row per variant: retention and validity (the same every round: the builds are deterministic),
+    and per size the median over rounds of documents per second, of the speed-up over onnx-fp32 measured
+    in the same round, and of the roof fraction."""
+    def cell(manifest: dict, variant: str, n_docs: int) -> dict:
         entry = manifest["variants"][variant]
         return next(r for r in entry["benchmark"] if r["threads"] == 1 and r["n_docs"] == n_docs
                     and r["device"] == "cpu")
 
+    first = manifests[0]
     rows = []
     for variant in VARIANTS:
-        entry = manifest["variants"][variant]
-        row: dict[str, Any] = {"hidden": list(hidden), "macs_per_doc": manifest["model"]["macs_per_document"]["1000"],
-                               "variant": variant, "valid": entry["valid"],
+        entry = first["variants"][variant]
+        row: dict[str, Any] = {"hidden": list(hidden), "macs_per_doc": first["model"]["macs_per_document"]["1000"],
+                               "variant": variant, "valid": entry["valid"], "rounds": len(manifests),
                                "retention": entry["accuracy"]["retention"]}
         for n in SIZES:
-            c, base = cell(variant, n), cell("onnx-fp32", n)
-            row[f"docs_per_s@{n}"] = c["docs_per_s"]
-            row[f"speedup@{n}"] = c["docs_per_s"] / base["docs_per_s"]
-            row[f"roof_fraction@{n}"] = c["roof_fraction"]
+            cells = [(cell(m, variant, n), cell(m, "onnx-fp32", n)) for m in manifests]
+            row[f"docs_per_s@{n}"] = float(np.median([c["docs_per_s"] for c, _ in cells]))
+            row[f"speedup@{n}"] = float(np.median([c["docs_per_s"] / base["docs_per_s"] for c, base in cells]))
+            row[f"roof_fraction@{n}"] = float(np.median([c["roof_fraction"] for c, _ in cells]))
+            row[f"speedup_range@{n}"] = [min(c["docs_per_s"] / b["docs_per_s"] for c, b in cells),
+                                         max(c["docs_per_s"] / b["docs_per_s"] for c, b in cells)]
         rows.append(row)
     return rows
 
@@ -91,10 +104,18 @@ def findings(rows: list[dict], roofs: dict) -> list[str]:
     return out
 
 
+def spread(row: dict, n: int) -> str:
+    """' (low-high)': the rounds' range of a speed-up, where there were several rounds."""
+    low, high = row.get(f"speedup_range@{n}") or (None, None)
+    return f" ({low:.2f}-{high:.2f})" if low is not None and row.get("rounds", 1) > 1 else ""
+
+
 def markdown(report: dict) -> str:
     lines = ["# Where int8 starts to pay: the MLP at several widths", "",
              f"Written by `python export/width_curve.py --widths {' '.join('x'.join(map(str, w)) for w in report['widths'])}"
-             f" --train-seconds {report['train_seconds']:g}`.", "", "## Findings (computed from the rows)", "",
+             f" --train-seconds {report['train_seconds']:g}"
+             + (f" --rounds {report['rounds']}`." if report.get("rounds") else "`."),
+             "", "## Findings (computed from the rows)", "",
              *[f"- {line}" for line in findings(report["rows"], report["roofs"])], "",
              "| hidden | multiply-adds / doc | variant | valid | retention | docs/s @100 | x fp32 @100 | docs/s @1000 "
              "| x fp32 @1000 | roof fraction @1000 |",
@@ -102,12 +123,16 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"| {'x'.join(map(str, r['hidden']))} | {r['macs_per_doc']:,.0f} | {r['variant']} | "
                      f"{'yes' if r['valid'] else 'no'} | {r['retention']:.4f} | {r['docs_per_s@100']:,.0f} | "
-                     f"{r['speedup@100']:.2f}x | {r['docs_per_s@1000']:,.0f} | {r['speedup@1000']:.2f}x | "
+                     f"{r['speedup@100']:.2f}x{spread(r, 100)} | {r['docs_per_s@1000']:,.0f} | "
+                     f"{r['speedup@1000']:.2f}x{spread(r, 1000)} | "
                      f"{r['roof_fraction@1000']:.0%} |")
     lines += ["", "How to read it: each width trained for at most the given seconds on the synthetic data, then "
               "export/quantize.py built, gated (NDCG@10 retention against its own torch model) and benchmarked "
               "each variant, 1 thread, one list per call, as in the lab's tables. Roof fraction: achieved "
-              "multiply-adds per second over the int8 roof (int8 variants) or the fp32 roof (onnx-fp32).",
+              "multiply-adds per second over the int8 roof (int8 variants) or the fp32 roof (onnx-fp32)."
+              + (f" Each figure is the median of {report['rounds']} benchmark rounds (a speed-up over onnx-fp32 "
+                 "measured within each round), with the rounds' lowest and highest speed-up in brackets."
+                 if report.get("rounds", 1) > 1 else ""),
               "", environment_markdown(report["environment"])]
     return "\n".join(lines) + "\n"
 
@@ -117,17 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--widths", nargs="+", default=["256x128", "384x192", "640x256", "768x512", "1152x768"],
                    help="hidden sizes per width, e.g. 640x256")
     p.add_argument("--train-seconds", type=float, default=30.0)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="benchmark rounds per width; the table gives each cell's median (this machine is noisy)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "models")
     p.add_argument("--work", type=Path, default=REPO_ROOT / "artifacts" / "width_curve")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds: must be >= 1, got {args.rounds}")
     widths = [tuple(int(h) for h in w.split("x")) for w in args.widths]
     rows, roofs = [], None
     for hidden in widths:
-        manifest = build(hidden, args.train_seconds, args.work)
-        rows += rows_of(hidden, manifest)
-        roofs = manifest["roofs"]
+        manifests = build(hidden, args.train_seconds, args.work, args.rounds)
+        rows += rows_of(hidden, manifests)
+        roofs = manifests[-1]["roofs"]
     environment = collect_environment()
-    report = {"widths": [list(w) for w in widths], "train_seconds": args.train_seconds, "rows": rows,
+    report = {"widths": [list(w) for w in widths], "train_seconds": args.train_seconds, "rounds": args.rounds, "rows": rows,
               "roofs": roofs, "environment": environment}
     stem = f"{results_stem(environment, 'quick')}-mlp-widths"
     print(f"wrote {write_report_files(args.out, stem, report, lambda: markdown(report))}")

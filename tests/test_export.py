@@ -360,3 +360,27 @@ def test_bf16_roof_is_measured_only_with_native_bf16_and_bf16_rows_use_it(monkey
     native = measure_roofs(config)
     assert native.bf16["1"] > 0 and "bfloat16" in native.method["bf16"]
     assert roof_of("bf16", native) == "bf16"
+
+
+def test_width_curve_rows_take_each_cells_median_over_rounds() -> None:
+    """Pure arithmetic on three rounds' manifests: a speed-up is taken within each round, then the median
+    over rounds, with the rounds' range; retention and validity come from the (deterministic) build."""
+    from export.width_curve import VARIANTS, markdown, rows_of
+    from models.environment import collect_environment
+
+    def manifest(fp32: float, int8: float) -> dict:
+        def entry(docs_per_s: float) -> dict:
+            return {"valid": True, "accuracy": {"retention": 0.999}, "benchmark": [
+                {"threads": 1, "n_docs": n, "device": "cpu", "docs_per_s": docs_per_s, "roof_fraction": 0.5}
+                for n in (100, 1000)]}
+        return {"model": {"macs_per_document": {"1000": 68_000}},
+                "variants": {v: entry(fp32 if v == "onnx-fp32" else int8) for v in VARIANTS}}
+
+    rows = rows_of((256, 128), [manifest(100, 300), manifest(50, 200), manifest(100, 150)])
+    int8 = next(r for r in rows if r["variant"] == "onnx-int8-dynamic")
+    assert int8["speedup@100"] == 3.0 and int8["speedup_range@100"] == [1.5, 4.0]
+    assert int8["docs_per_s@1000"] == 200 and int8["rounds"] == 3 and int8["retention"] == 0.999
+    text = markdown({"widths": [[256, 128]], "train_seconds": 30, "rounds": 3, "rows": rows,
+                     "roofs": {"int8": {"1": 200e9}, "fp32": {"1": 50e9}},
+                     "environment": collect_environment()})
+    assert "--rounds 3`" in text and "| 3.00x (1.50-4.00) |" in text and "median of 3 benchmark rounds" in text
