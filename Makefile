@@ -36,7 +36,7 @@ lab: venv
 	$(PY) models/two_stage.py --max-seconds 25 --tower-seconds 25
 	$(PY) loadtest/two_stage.py --profile quick
 
-# The open-loop load generator's own capacity on this machine: results/loadgen/<cpu>-selftest.md.
+# The open-loop load generator's own capacity on this machine: results/loadgen/<cpu>-<isa>-selftest.md.
 selftest: venv
 	$(PY) loadtest/openloop.py --self-test
 

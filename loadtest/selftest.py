@@ -9,7 +9,7 @@ The result is the highest rate at which at least 99% of sends were on time, and 
 generator adds there: its p50 minus the round-trip floor of the same responder measured by a
 blocking socket client (one request at a time, no event loop).
 
-    python loadtest/openloop.py --self-test    # writes results/loadgen/<cpu>-selftest.{json,md}
+    python loadtest/openloop.py --self-test    # writes results/loadgen/<cpu>-<isa>-selftest.{json,md}
 """
 
 from __future__ import annotations
