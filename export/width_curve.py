@@ -1,13 +1,14 @@
 """Where int8 starts to pay as the MLP grows: the same variants at several widths, side by side.
 
 Why: the default MLP (256 x 128 hidden, 68K multiply-adds per document) is small, and int8's gain is
-eaten by the work around the integer products (quantizing activations per call, dequantizing). A
-wider layer does more multiply-adds per byte moved, so the int8 kernels' advantage (the machine's
-int8 roof over its fp32 roof) shows more. Each width is trained (models/train.py `--hidden`),
+eaten by the float work beside the integer products: the feature normalizer (log1p of every raw
+feature) and quantizing activations, which export/int8_attempts.py measures node by node. A wider
+layer does more multiply-adds per feature read, so the int8 kernels' advantage (the machine's int8
+roof over its fp32 roof) shows more. Each width is trained (models/train.py `--hidden`),
 exported, gated and benchmarked by export/quantize.py exactly as the lab's models are, one thread;
 this script only runs them and sets their figures side by side.
 
-    python export/width_curve.py [--widths 256x128 384x192 640x256 768x512 1152x768] [--train-seconds 30]
+    python export/width_curve.py [--widths 256x128 384x192 640x256 768x512 1152x768] [--train-seconds 30] [--rounds 3]
 
 Writes results/models/<cpu>-<isa>-mlp-widths.{md,json}.
 """
