@@ -48,7 +48,7 @@ from export.runtime import OrtScorer, TorchScorer
 from export.variants import DENSE_OPS, BuildContext, feeds_reader, gemm_to_matmul, quiet, weight_dense_nodes
 from models.environment import collect_environment, environment_markdown
 from models.paths import REPO_ROOT, model_dir
-from models.rankers import RankerConfig, multiply_adds_per_document
+from models.rankers import RankerConfig, mlp_layer_multiply_adds, multiply_adds_per_document
 
 CALIBRATION_QUERIES = 32
 CALIBRATION_BLOCK = 100  # rows per calibration batch
@@ -142,12 +142,6 @@ def build(attempt: dict, ctx: BuildContext, target: Path) -> None:
         extra_options={"WeightSymmetric": True}))
 
 
-def layer_macs(config: RankerConfig, n_docs: int) -> list[int]:
-    """Multiply-adds of each of the MLP's dense layers for one call of `n_docs` documents."""
-    widths = [config.n_features, *config.hidden, 1]
-    return [n_docs * a * b for a, b in zip(widths[:-1], widths[1:], strict=True)]
-
-
 def measure(path: Path, ctx: BuildContext, test: Any, reference: np.ndarray, bench: BenchConfig,
             config: RankerConfig) -> dict[str, Any]:
     """Retention, ops, p50 and documents per second at each size, and where each size's call spends
@@ -163,7 +157,7 @@ def measure(path: Path, ctx: BuildContext, test: Any, reference: np.ndarray, ben
         row[f"docs_per_s@{n}"] = n / float(np.median(times))
         nodes = node_times(path, {"features": np.ascontiguousarray(rows, dtype=np.float32)})
         row[f"profile@{n}"] = grouped(nodes)
-        row[f"layers@{n}"] = dense_layer_rates(nodes, layer_macs(config, n))
+        row[f"layers@{n}"] = dense_layer_rates(nodes, [n * macs for macs in mlp_layer_multiply_adds(config)])
     return row
 
 
@@ -195,10 +189,10 @@ def run(checkpoint: Path) -> dict[str, Any]:
             rows.append(row)
             print(f"{row['attempt']:<40} retention {row['retention']:.4f}  x fp32 @100 {row['speedup@100']:.2f}  "
                   f"@1000 {row['speedup@1000']:.2f}", flush=True)
-        # The session options, on fp32 and on the attempt the study keeps (kept() below, by index here).
+        # The session options, on fp32 and on the attempt the study keeps (rows[0] is fp32, so the
+        # attempt's file is attempt-{best - 1}).
         lists = {n: sample_list(test.X, n) for n in SIZES}
-        best = max((i for i, r in enumerate(rows) if i and r["valid"]), key=lambda i: rows[i]["docs_per_s@1000"],
-                   default=None)
+        best = kept_index(rows)
         options = {rows[0]["attempt"]: session_option_times(ctx.onnx_fp32(), lists, bench)}
         if best is not None:
             options[rows[best]["attempt"]] = session_option_times(Path(tmp) / f"attempt-{best - 1}.onnx", lists, bench)
@@ -212,10 +206,16 @@ def run(checkpoint: Path) -> dict[str, Any]:
             "rows": rows, "session_options": options, "environment": collect_environment()}
 
 
+def kept_index(rows: list[dict]) -> int | None:
+    """The winner's index in `rows` (rows[0] is the fp32 baseline): the valid attempt with the most
+    documents per second at 1000 documents."""
+    return max((i for i, r in enumerate(rows) if i and r["valid"]), key=lambda i: rows[i]["docs_per_s@1000"],
+               default=None)
+
+
 def kept(report: dict) -> dict | None:
-    """The winner: the valid attempt with the most documents per second at 1000 documents."""
-    valid = [r for r in report["rows"][1:] if r["valid"]]
-    return max(valid, key=lambda r: r["docs_per_s@1000"], default=None)
+    best = kept_index(report["rows"])
+    return None if best is None else report["rows"][best]
 
 
 def time_split(report: dict, best: dict | None) -> list[str]:

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: `python export/report.py <mani
 
 from export.manifest import Manifest  # noqa: E402
 from models.environment import environment_markdown  # noqa: E402
+from models.paths import RESULTS  # noqa: E402
 
 BASELINE = "onnx-fp32"
 SCREEN_HIDDEN = {"docs/s@100", "size MB"}  # the terminal table drops these to fit; files keep them
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if measured is None:
         print(f"{args[0]}: no variants to tabulate", file=sys.stderr)
         return 2
-    results_dir = Path(args[1]) if len(args) == 2 else Path(__file__).resolve().parents[1] / "results" / "models"
+    results_dir = Path(args[1]) if len(args) == 2 else RESULTS / "models"
     md, csv = write_tables(manifest, results_dir, measured.environment)
     print(f"wrote {md} and {csv}")
     return 0

@@ -233,6 +233,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def mlp_layer_multiply_adds(config: RankerConfig) -> list[int]:
+    """Multiply-adds per document of each of the MLP's dense layers, in order."""
+    widths = [config.n_features, *config.hidden, 1]
+    return [a * b for a, b in zip(widths[:-1], widths[1:], strict=True)]
+
+
 def multiply_adds_per_document(config: RankerConfig, list_len: int | None = None) -> int:
     """Multiply-adds per document of one forward pass (dense layers, plus attention's QK^T and AV).
 
@@ -240,8 +246,7 @@ def multiply_adds_per_document(config: RankerConfig, list_len: int | None = None
     ranker's cost grows with the list length, so ``list_len`` is required for it.
     """
     if config.arch == "mlp":
-        widths = [config.n_features, *config.hidden, 1]
-        return sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+        return sum(mlp_layer_multiply_adds(config))
     if list_len is None or list_len < 1:
         raise ValueError("list_len: required (>= 1) for the attention ranker, whose cost grows with it")
     d, ff = config.d_model, config.d_ff

@@ -252,9 +252,8 @@ def test_node_profile_splits_a_call_into_normalizer_dense_layers_and_quantize(bu
     kernels; a profile that does not match the model's layers is refused."""
     if built.arch != "mlp":
         pytest.skip("the node split and layer rates are the MLP's (export/int8_attempts.py)")
-    from export.int8_attempts import layer_macs
     from export.node_profile import DENSE_KERNELS, dense_layer_rates, grouped, node_times
-    from models.rankers import RankerConfig
+    from models.rankers import RankerConfig, mlp_layer_multiply_adds
     from models.train import load_checkpoint
 
     _model, card = load_checkpoint(built.checkpoint)
@@ -264,7 +263,7 @@ def test_node_profile_splits_a_call_into_normalizer_dense_layers_and_quantize(bu
     split = grouped(fp32)
     assert split["normalizer"] > 0 and split["dense"] > 0 and split["quantize"] == 0
     assert {t.op for t in fp32[:3]} <= {"Abs", "Sign", "Log", "Add", "Mul", "Sub", "Div", "Clip"}
-    layers = dense_layer_rates(fp32, layer_macs(config, 64))
+    layers = dense_layer_rates(fp32, [64 * macs for macs in mlp_layer_multiply_adds(config)])
     assert len(layers) == len(config.hidden) + 1 and all(layer["macs_per_s"] > 0 for layer in layers)
 
     dynamic = node_times(built.out_dir / "onnx-int8-dynamic.onnx", {"features": rows}, calls=5, warmup=2)
@@ -384,3 +383,29 @@ def test_width_curve_rows_take_each_cells_median_over_rounds() -> None:
                      "roofs": {"int8": {"1": 200e9}, "fp32": {"1": 50e9}},
                      "environment": collect_environment()})
     assert "--rounds 3`" in text and "| 3.00x (1.50-4.00) |" in text and "median of 3 benchmark rounds" in text
+
+
+def test_int8_study_report_keeps_the_fastest_valid_attempt_and_states_the_amdahl_bound() -> None:
+    """Pure rendering of a study's rows: the kept attempt is the fastest valid one at 1000 documents (an
+    invalid faster one is not), and the time split states the bound and what the kept attempt reached."""
+    from export.int8_attempts import kept, markdown
+    from models.environment import collect_environment
+
+    def row(name: str, docs_per_s: float, valid: bool = True) -> dict:
+        split = {"normalizer": 30.0, "dense": 60.0, "quantize": 0.0, "other": 10.0}
+        return {"attempt": name, "retention": 0.999, "valid": valid, "ops": ["MatMulInteger"],
+                "roof_fraction@1000": 0.3, **{key: value for n in (100, 1000) for key, value in (
+                    (f"p50_ms@{n}", n / docs_per_s * 1e3), (f"docs_per_s@{n}", docs_per_s),
+                    (f"speedup@{n}", docs_per_s / 100.0), (f"profile@{n}", split),
+                    (f"layers@{n}", [{"op": "QGemm", "us": 10.0, "macs_per_s": 1e11}]))}}
+
+    rows = [row("onnx-fp32 (the baseline)", 100.0), row("static QDQ", 150.0), row("too lossy", 400.0, valid=False),
+            row("dynamic", 180.0)]
+    report = {"model": "m", "macs_per_document": 68_000, "rows": rows, "amdahl_bound": {"100": 2.03, "1000": 2.19},
+              "roofs": {"int8": {"1": 200e9}, "fp32": {"1": 50e9}}, "environment": collect_environment()}
+    assert kept(report)["attempt"] == "dynamic"
+    text = markdown(report)
+    assert "- **dynamic**: 1.80x onnx-fp32 at 1000 documents" in text
+    assert "int8 could reach at most **2.19x** onnx-fp32; the kept attempt reached 1.80x." in text
+    assert "the feature normalizer takes 30% of onnx-fp32's time" in text
+    assert kept({"rows": rows[:1] + [row("lossy", 300.0, valid=False)]}) is None
