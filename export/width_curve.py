@@ -31,7 +31,10 @@ from export.report import results_stem, write_report_files
 from models.environment import collect_environment, environment_markdown
 from models.paths import REPO_ROOT, model_dir, variants_dir
 
-VARIANTS = ("onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static")
+INT8_VARIANTS = ("onnx-int8-dynamic", "onnx-int8-static")
+# torch-bf16 is built only where the CPU has native bf16 (export/variants.py); elsewhere quantize.py skips
+# it and the report says why.
+VARIANTS = ("onnx-fp32", *INT8_VARIANTS, "torch-bf16")
 SIZES = (100, 1000)
 PAYS = 1.1  # int8 "pays" from a speed-up over onnx-fp32 of at least this much
 STRONG = 2.5  # and pays strongly from this one (what a VNNI machine's int8 roof, ~4.5x fp32's, allows)
@@ -69,7 +72,7 @@ def rows_of(hidden: tuple[int, ...], manifests: list[dict]) -> list[dict[str, An
 
     first = manifests[0]
     rows = []
-    for variant in VARIANTS:
+    for variant in (v for v in VARIANTS if v in first["variants"]):
         entry = first["variants"][variant]
         row: dict[str, Any] = {"hidden": list(hidden), "macs_per_doc": first["model"]["macs_per_document"]["1000"],
                                "variant": variant, "valid": entry["valid"], "rounds": len(manifests),
@@ -85,8 +88,8 @@ def rows_of(hidden: tuple[int, ...], manifests: list[dict]) -> list[dict[str, An
     return rows
 
 
-def findings(rows: list[dict], roofs: dict) -> list[str]:
-    int8 = [r for r in rows if r["variant"] != "onnx-fp32" and r["valid"]]
+def findings(rows: list[dict], roofs: dict, skipped: dict[str, str] | None = None) -> list[str]:
+    int8 = [r for r in rows if r["variant"] in INT8_VARIANTS and r["valid"]]
     out = [f"Roofs on this machine, 1 thread: int8 {roofs['int8']['1'] / 1e9:.1f} G multiply-adds/s against fp32 "
            f"{roofs['fp32']['1'] / 1e9:.1f} G ({roofs['int8']['1'] / roofs['fp32']['1']:.2f}x): the most any int8 "
            "variant can gain over fp32 at equal efficiency."]
@@ -102,6 +105,14 @@ def findings(rows: list[dict], roofs: dict) -> list[str]:
                    + (f"from {paying[0] / 1e3:,.0f}K multiply-adds per document" if paying else "at no width measured")
                    + f", and ran {STRONG}x or more "
                    + (f"from {strong[0] / 1e3:,.0f}K." if strong else "at no width measured."))
+    bf16 = sorted((r for r in rows if r["variant"] == "torch-bf16"), key=lambda r: r["macs_per_doc"])
+    if bf16:
+        out.append("torch-bf16 (bfloat16 autocast) against onnx-fp32, from the smallest width to the largest: "
+                   + "; ".join(f"{n} documents " + ", ".join(f"{r[f'speedup@{n}']:.2f}x" for r in bf16) for n in SIZES)
+                   + (" (retention " + ", ".join(f"{r['retention']:.4f}" for r in bf16) + ")")
+                   + ("" if all(r["valid"] for r in bf16) else "; some widths failed the accuracy gate") + ".")
+    elif skipped and "torch-bf16" in skipped:
+        out.append(f"torch-bf16 was skipped on this CPU: {skipped['torch-bf16']}.")
     return out
 
 
@@ -117,7 +128,7 @@ def markdown(report: dict) -> str:
              f" --train-seconds {report['train_seconds']:g}"
              + (f" --rounds {report['rounds']}`." if report.get("rounds") else "`."),
              "", "## Findings (computed from the rows)", "",
-             *[f"- {line}" for line in findings(report["rows"], report["roofs"])], "",
+             *[f"- {line}" for line in findings(report["rows"], report["roofs"], report.get("skipped"))], "",
              "| hidden | multiply-adds / doc | variant | valid | retention | docs/s @100 | x fp32 @100 | docs/s @1000 "
              "| x fp32 @1000 | roof fraction @1000 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -130,7 +141,8 @@ def markdown(report: dict) -> str:
     lines += ["", "How to read it: each width trained for at most the given seconds on the synthetic data, then "
               "export/quantize.py built, gated (NDCG@10 retention against its own torch model) and benchmarked "
               "each variant, 1 thread, one list per call, as in the lab's tables. Roof fraction: achieved "
-              "multiply-adds per second over the int8 roof (int8 variants) or the fp32 roof (onnx-fp32)."
+              "multiply-adds per second over the int8 roof (int8 variants), the bf16 roof (torch-bf16) or the fp32 "
+              "roof (onnx-fp32)."
               + (f" Each figure is the median of {report['rounds']} benchmark rounds (a speed-up over onnx-fp32 "
                  "measured within each round), with the rounds' lowest and highest speed-up in brackets."
                  if report.get("rounds", 1) > 1 else ""),
@@ -151,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error(f"--rounds: must be >= 1, got {args.rounds}")
     widths = [tuple(int(h) for h in w.split("x")) for w in args.widths]
-    rows, roofs = [], None
+    rows, roofs, skipped = [], None, {}
     for hidden in widths:
         manifests = build(hidden, args.train_seconds, args.work, args.rounds)
         rows += rows_of(hidden, manifests)
         roofs = manifests[-1]["roofs"]
+        skipped = manifests[-1].get("skipped") or {}
     environment = collect_environment()
     report = {"widths": [list(w) for w in widths], "train_seconds": args.train_seconds, "rounds": args.rounds, "rows": rows,
+              "skipped": skipped,
               "roofs": roofs, "environment": environment}
     stem = f"{results_stem(environment, 'quick')}-mlp-widths"
     print(f"wrote {write_report_files(args.out, stem, report, lambda: markdown(report))}")

@@ -291,7 +291,7 @@ def test_width_curve_findings_name_where_int8_pays_and_where_it_pays_strongly() 
     from export.width_curve import findings
 
     def row(macs: int, variant: str, speedup: float, valid: bool = True) -> dict:
-        return {"macs_per_doc": macs, "variant": variant, "valid": valid, **{
+        return {"macs_per_doc": macs, "variant": variant, "valid": valid, "retention": 0.999, **{
             f"{key}@{n}": value for n in (100, 1000)
             for key, value in (("speedup", speedup), ("roof_fraction", speedup / 5))}}
 
@@ -301,6 +301,13 @@ def test_width_curve_findings_name_where_int8_pays_and_where_it_pays_strongly() 
     assert "4.00x" in lines[0]
     assert all("paid (1.1x or more) from 68K" in line and "2.5x or more from 251K." in line for line in lines[1:])
     assert len(lines) == 3
+    # bf16: its own line, never counted as int8; where it was skipped, the reason instead.
+    with_bf16 = findings([*rows, row(251_000, "torch-bf16", 1.3), row(68_000, "torch-bf16", 0.6)],
+                         {"int8": {"1": 200e9}, "fp32": {"1": 50e9}})
+    assert with_bf16[:3] == lines
+    assert with_bf16[3].startswith("torch-bf16 (bfloat16 autocast)") and "100 documents 0.60x, 1.30x" in with_bf16[3]
+    skipped = findings(rows, {"int8": {"1": 200e9}, "fp32": {"1": 50e9}}, {"torch-bf16": "no avx512_bf16"})
+    assert skipped[3] == "torch-bf16 was skipped on this CPU: no avx512_bf16."
 
 
 def test_session_option_study_times_every_option_and_tables_them(built) -> None:
