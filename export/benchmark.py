@@ -102,7 +102,7 @@ def bench_scorer(open_scorer: Callable[[int], Scorer], rows: np.ndarray, config:
 
 # ---------------------------------------------------------------------------------------------- roofs
 
-def fp32_roof(threads: int, repeats: int, size: int = ROOF_SIZE, dtype: str = "float32") -> float:
+def torch_mm_roof(threads: int, repeats: int, size: int = ROOF_SIZE, dtype: str = "float32") -> float:
     """Best multiply-adds/s of a size^3 torch.mm at `threads` threads (torch's own threads restored), in
     float32 or, for the bf16 roof, `dtype="bfloat16"`."""
     import torch
@@ -147,9 +147,9 @@ def measure_roofs(config: BenchConfig) -> Roofs:
 
     native_bf16 = bf16_unavailable() is None
     return Roofs(
-        fp32={str(t): fp32_roof(t, config.roof_repeats) for t in config.all_threads},
+        fp32={str(t): torch_mm_roof(t, config.roof_repeats) for t in config.all_threads},
         int8={str(t): int8_roof(t, config.roof_repeats) for t in config.all_threads},
-        bf16={str(t): fp32_roof(t, config.roof_repeats, dtype="bfloat16") for t in config.all_threads}
+        bf16={str(t): torch_mm_roof(t, config.roof_repeats, dtype="bfloat16") for t in config.all_threads}
         if native_bf16 else {},
         method={"fp32": f"torch.mm float32 {ROOF_SIZE}^3, best of {config.roof_repeats}",
                 "int8": f"onnxruntime MatMulInteger uint8 x int8 -> int32 {ROOF_SIZE}^3, best of "

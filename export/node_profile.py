@@ -38,15 +38,12 @@ class NodeTime:
 
 def node_times(path: Path, feed: dict[str, np.ndarray], calls: int = 200, warmup: int = 20) -> list[NodeTime]:
     """Median kernel time of every node over `calls` calls (1 thread, as export/runtime.py runs it),
-    in execution order."""
+    in execution order; the first `warmup` calls are profiled too and dropped."""
     import onnxruntime as ort
 
     from export.runtime import session_options
 
     with tempfile.TemporaryDirectory() as tmp:
-        session = ort.InferenceSession(str(path), session_options(threads=1), providers=["CPUExecutionProvider"])
-        for _ in range(warmup):
-            session.run(None, feed)
         options = session_options(threads=1)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")

@@ -78,12 +78,12 @@ def rows_of(hidden: tuple[int, ...], manifests: list[dict]) -> list[dict[str, An
                                "variant": variant, "valid": entry["valid"], "rounds": len(manifests),
                                "retention": entry["accuracy"]["retention"]}
         for n in SIZES:
-            cells = [(cell(m, variant, n), cell(m, "onnx-fp32", n)) for m in manifests]
-            row[f"docs_per_s@{n}"] = float(np.median([c["docs_per_s"] for c, _ in cells]))
-            row[f"speedup@{n}"] = float(np.median([c["docs_per_s"] / base["docs_per_s"] for c, base in cells]))
-            row[f"roof_fraction@{n}"] = float(np.median([c["roof_fraction"] for c, _ in cells]))
-            row[f"speedup_range@{n}"] = [min(c["docs_per_s"] / b["docs_per_s"] for c, b in cells),
-                                         max(c["docs_per_s"] / b["docs_per_s"] for c, b in cells)]
+            cells = [cell(m, variant, n) for m in manifests]
+            speedups = [c["docs_per_s"] / cell(m, "onnx-fp32", n)["docs_per_s"] for c, m in zip(cells, manifests, strict=True)]
+            row[f"docs_per_s@{n}"] = float(np.median([c["docs_per_s"] for c in cells]))
+            row[f"speedup@{n}"] = float(np.median(speedups))
+            row[f"roof_fraction@{n}"] = float(np.median([c["roof_fraction"] for c in cells]))
+            row[f"speedup_range@{n}"] = [min(speedups), max(speedups)]
         rows.append(row)
     return rows
 

@@ -150,12 +150,12 @@ def generator_capacity(run: Run, results_dir: Path | None = None) -> dict | None
     """The open-loop generator's self-test on the run's CPU and ISA (results/loadgen/<cpu>-<isa>-selftest.json)."""
     import json
 
-    from export.report import results_stem
+    from loadtest.selftest import selftest_stem
     from models.paths import RESULTS
 
     if not run.environment.get("cpu"):
         return None
-    path = (results_dir or RESULTS / "loadgen") / f"{results_stem(run.environment, 'quick')}-selftest.json"
+    path = (results_dir or RESULTS / "loadgen") / f"{selftest_stem(run.environment)}.json"
     if not path.exists():
         return None
     data = json.loads(path.read_text())

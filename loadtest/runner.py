@@ -385,6 +385,16 @@ def conclude(steps: list[SloStep], stopped_by: str, tolerance: float) -> tuple[s
         f"(stopped by {stopped_by})"], best, cap
 
 
+def step_queries(rate: float, min_queries: int, min_duration_s: float) -> int:
+    """Arrivals in one count-based SLO step at `rate`: at least `min_queries` and `min_duration_s` of them."""
+    return max(min_queries, math.ceil(rate * min_duration_s))
+
+
+def step_cost_s(rate: float, min_queries: int, min_duration_s: float) -> float:
+    """Seconds one SLO step at `rate` costs: its arrivals' span plus 3 s of subprocess start and drain."""
+    return step_queries(rate, min_queries, min_duration_s) / rate + 3.0
+
+
 def max_throughput_under_slo(
     host: str,
     payloads: PayloadSet | str | Path,
@@ -429,7 +439,7 @@ def max_throughput_under_slo(
     t_start = time.monotonic()
 
     def count_at(rate: float) -> int:
-        return max(min_queries, math.ceil(rate * min_duration_s))
+        return step_queries(rate, min_queries, min_duration_s)
 
     def trial_at(rate: float, step: int) -> TrialRecord:
         return run_open_loop(
@@ -446,7 +456,7 @@ def max_throughput_under_slo(
         max_steps=max_steps,
         tolerance=tolerance,
         deadline=t_start + time_budget_s,
-        trial_cost_s=lambda rate: count_at(rate) / rate + 3.0,  # plus the subprocess start and drain
+        trial_cost_s=lambda rate: step_cost_s(rate, min_queries, min_duration_s),
     )
     status, reasons, best, cap = conclude(steps, stopped_by, tolerance)
     trial = best.trial_record if best else None

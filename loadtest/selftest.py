@@ -223,8 +223,15 @@ def markdown(result: dict[str, Any], env: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(seconds_per_step: float = 3.0, out_dir: Path | None = None) -> dict[str, Any]:
+def selftest_stem(environment: dict) -> str:
+    """`<cpu>-<isa>-selftest`: named by CPU and ISA, as one CPU model name covers machines with and
+    without AVX-512 here (loadtest/report.py finds a run's self-test by it)."""
     from export.report import results_stem
+
+    return f"{results_stem(environment, 'quick')}-selftest"
+
+
+def main(seconds_per_step: float = 3.0, out_dir: Path | None = None) -> dict[str, Any]:
     from models.environment import collect_environment
     from models.paths import RESULTS
 
@@ -233,8 +240,7 @@ def main(seconds_per_step: float = 3.0, out_dir: Path | None = None) -> dict[str
     env = collect_environment()
     out_dir = out_dir or RESULTS / "loadgen"
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Named by CPU and ISA: one CPU model name covers machines with and without AVX-512 here.
-    stem = out_dir / f"{results_stem(env, 'quick')}-selftest"
+    stem = out_dir / selftest_stem(env)
     stem.with_suffix(".json").write_text(json.dumps({**result, "environment": env}, indent=1))
     stem.with_suffix(".md").write_text(markdown(result, env))
     print(f"max rate on schedule: {result['max_rate_on_time_per_s']}/s, added p50 "

@@ -228,15 +228,15 @@ def run(profile_name: str, out: Path | None = None, *, load: bool = True, log=pr
 
 def row_budget(profile: LadderProfile, one_at_a_time_ms: float) -> float:
     """A row's SLO-search budget: the profile's, stretched to `min_steps` steps at 30% of the row's
-    one-at-a-time rate (each step's cost as loadtest/runner.py counts it: its requests, plus 3 s)."""
-    from loadtest.runner import SLO_PROFILES
+    one-at-a-time rate (each step's cost as loadtest/runner.py counts it)."""
+    from loadtest.runner import SLO_PROFILES, step_cost_s
 
     if not profile.min_steps:
         return profile.row_budget_s
     slo = SLO_PROFILES[profile.slo_profile]
     low = 0.3 * 1000.0 / one_at_a_time_ms
-    step_s = max(slo["min_queries"], low * slo["min_duration_s"]) / low + 3.0
-    return max(profile.row_budget_s, profile.min_steps * step_s)
+    return max(profile.row_budget_s,
+               profile.min_steps * step_cost_s(low, slo["min_queries"], slo["min_duration_s"]))
 
 
 def one_trial(url: str, payloads, rate: float, profile: LadderProfile, out_dir: Path, cores: dict) -> dict:
