@@ -159,7 +159,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="benchmark rounds per width; the table gives each cell's median (this machine is noisy)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "models")
     p.add_argument("--work", type=Path, default=REPO_ROOT / "artifacts" / "width_curve")
+    p.add_argument("--from-json", type=Path, default=None, metavar="REPORT",
+                   help="write a report's Markdown again from its JSON, beside it (no new measurement)")
     args = p.parse_args(argv)
+    if args.from_json is not None:
+        report = json.loads(args.from_json.read_text())
+        path = args.from_json.with_suffix(".md")
+        path.write_text(markdown(report))
+        print(f"wrote {path}")
+        return 0
     if args.rounds < 1:
         p.error(f"--rounds: must be >= 1, got {args.rounds}")
     widths = [tuple(int(h) for h in w.split("x")) for w in args.widths]

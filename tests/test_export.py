@@ -416,3 +416,17 @@ def test_int8_study_report_keeps_the_fastest_valid_attempt_and_states_the_amdahl
     assert "int8 could reach at most **2.19x** onnx-fp32; the kept attempt reached 1.80x." in text
     assert "the feature normalizer takes 30% of onnx-fp32's time" in text
     assert kept({"rows": rows[:1] + [row("lossy", 300.0, valid=False)]}) is None
+
+
+def test_width_curve_rerenders_its_markdown_from_its_json(tmp_path) -> None:
+    """`--from-json` writes the Markdown again from a report's JSON, with no measurement."""
+    from export.width_curve import main as width_main
+    from export.width_curve import markdown
+    from models.environment import collect_environment
+
+    report = {"widths": [[256, 128]], "train_seconds": 30, "rows": [], "roofs": {"int8": {"1": 2e11}, "fp32": {"1": 5e10}},
+              "environment": collect_environment()}
+    source = tmp_path / "x-mlp-widths.json"
+    source.write_text(json.dumps(report))
+    assert width_main(["--from-json", str(source)]) == 0
+    assert (tmp_path / "x-mlp-widths.md").read_text() == markdown(report)
